@@ -1,0 +1,174 @@
+// shardtune: the command-line entry point. Reads top to bottom:
+//   parse the subcommand and its options -> logging and runtime -> run the subcommand.
+// Errors are exceptions, caught once here: usage errors exit 2, runtime errors exit 1.
+#include <boost/program_options/options_description.hpp>
+#include <boost/program_options/value_semantic.hpp>
+#include <boost/program_options/variables_map.hpp>
+#include <torch/torch.h>
+
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "common/log.h"
+#include "common/runtime.h"
+#include "io/json.h"
+#include "launch/config.h"
+#include "models/checkpoint.h"
+#include "models/vit.h"
+
+using namespace shardtune;
+namespace po = boost::program_options;
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: shardtune <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  init     --config F --out FILE.safetensors       a randomly initialised backbone (timm names)\n"
+    "  predict  --config F --input X --out Y            logits of a backbone for a batch of images\n"
+    "\n"
+    "Every command takes --config FILE (INI), --section.key VALUE overrides, --log-level, --help.\n"
+    "'shardtune <command> --help' lists its options and every config key.\n";
+
+po::options_description common_options() {
+  po::options_description d("Common options");
+  d.add_options()("help,h", "show this help")("config", po::value<std::string>(), "INI config file")(
+      "log-level", po::value<std::string>()->default_value("info"), "trace|debug|info|warn|error|critical|off");
+  return d;
+}
+
+std::string required(const po::variables_map& vm, const char* key) {
+  if (!vm.count(key)) throw UsageError(std::string("--") + key + " is required");
+  return vm[key].as<std::string>();
+}
+
+VisionTransformer build_model(const RunConfig& rc) {
+  torch::manual_seed(rc.seed);
+  return VisionTransformer(rc.model);
+}
+
+// ---------------------------------------------------------------------------------------
+// init: a randomly initialised backbone, seeded, written in timm naming.
+int cmd_init(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  std::string out = required(vm, "out");
+  VisionTransformer model = build_model(rc);
+  spdlog::info("initialised {} ({} parameters, seed {})", rc.model.arch, rc.model.param_count(), rc.seed);
+  save_tensors(out, state_of(*model), {{"format", "pt"}, {"shardtune_config", to_ini(rc)}});
+  spdlog::info("wrote {}", out);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// predict: logits [B, num_classes] for input [B, C, H, W] (already normalised).
+int cmd_predict(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  const std::string input_path = required(vm, "input"), out_path = required(vm, "out");
+  const int64_t batch = vm["batch-size"].as<int64_t>();
+  if (batch <= 0) throw UsageError("--batch-size=" + std::to_string(batch) + " must be positive");
+  if (rc.checkpoint.empty()) throw UsageError("model.checkpoint is not set (--model.checkpoint FILE)");
+
+  VisionTransformer model = build_model(rc);
+  load_state(*model, CheckpointReader(rc.checkpoint));
+  model->eval();
+  spdlog::info("loaded {} from {}", rc.model.arch, rc.checkpoint);
+
+  CheckpointReader input(input_path);
+  if (!input.contains("input")) throw std::runtime_error(input_path + ": no tensor named 'input'");
+  const auto shape = input.shape("input");
+  const auto& m = rc.model;
+  if (shape.size() != 4 || shape[1] != m.in_chans || shape[2] != m.image_size || shape[3] != m.image_size)
+    throw std::runtime_error(input_path + ": tensor 'input' has shape " + shape_str(shape) + ", the model needs [B, " +
+                             std::to_string(m.in_chans) + ", " + std::to_string(m.image_size) + ", " +
+                             std::to_string(m.image_size) + "]");
+  torch::Tensor images = input.read("input", torch::kFloat32);
+
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> chunks;
+  for (int64_t i = 0; i < images.size(0); i += batch) chunks.push_back(model->forward(images.slice(0, i, i + batch)));
+  torch::Tensor logits = chunks.empty() ? torch::empty({0, m.num_classes}) : torch::cat(chunks, 0);
+  save_tensors(out_path, {{"logits", logits}});
+  spdlog::info("wrote logits {} to {}", shape_str(logits.sizes().vec()), out_path);
+
+  if (input.contains("labels") && logits.size(0) > 0 && m.num_classes > 0) {
+    torch::Tensor labels = input.read("labels", torch::kInt64);
+    if (labels.dim() != 1 || labels.size(0) != logits.size(0))
+      throw std::runtime_error(input_path + ": tensor 'labels' has shape " + shape_str(labels.sizes().vec()) +
+                               ", expected [" + std::to_string(logits.size(0)) + "]");
+    double top1 = logits.argmax(1).eq(labels).to(torch::kFloat64).mean().item<double>();
+    spdlog::info("top-1 against the input's labels: {:.2f}% of {} images", 100.0 * top1, labels.size(0));
+  }
+  return 0;
+}
+
+struct Command {
+  const char* name;
+  int (*run)(const po::variables_map&);
+  po::options_description (*options)();
+};
+
+po::options_description init_options() {
+  po::options_description d("init options");
+  d.add_options()("out", po::value<std::string>(), "output .safetensors file");
+  return d;
+}
+
+po::options_description predict_options() {
+  po::options_description d("predict options");
+  d.add_options()("input", po::value<std::string>(), ".safetensors with 'input' [B,C,H,W] float32 (and optional 'labels' [B])")(
+      "out", po::value<std::string>(), ".safetensors to write with 'logits' [B,num_classes] float32")(
+      "batch-size", po::value<int64_t>()->default_value(32), "images per forward pass");
+  return d;
+}
+
+const Command kCommands[] = {
+    {"init", cmd_init, init_options},
+    {"predict", cmd_predict, predict_options},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const LaunchEnv env = launch_env_from_environment();
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    (args.empty() ? std::cerr : std::cout) << kUsage;
+    return args.empty() ? 2 : 0;
+  }
+  const Command* cmd = nullptr;
+  for (const auto& c : kCommands)
+    if (args[0] == c.name) cmd = &c;
+  if (!cmd) {
+    std::cerr << "shardtune: unknown command '" << args[0] << "'\n" << kUsage;
+    return 2;
+  }
+  args.erase(args.begin());
+
+  try {
+    po::options_description options = common_options();
+    options.add(cmd->options());
+    po::variables_map vm;
+    parse_command_line(args, options, vm);
+    if (vm.count("help")) {
+      std::cout << "usage: shardtune " << cmd->name << " [options]\n\n" << options << "\n" << config_key_options();
+      return 0;
+    }
+    init_logging(env.rank, vm["log-level"].as<std::string>());
+    configure_runtime();
+    return cmd->run(vm);
+  } catch (const UsageError& e) {
+    std::cerr << "shardtune " << cmd->name << ": error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "shardtune " << cmd->name << ": error: " << e.what() << "\n";
+    return 2;
+  } catch (const c10::Error& e) {
+    std::cerr << "shardtune " << cmd->name << ": error: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "shardtune " << cmd->name << ": error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,298 @@
+#include "models/checkpoint.h"
+
+#include <sys/stat.h>
+
+#include <array>
+#include <cstring>
+#include <set>
+#include <sstream>
+
+#include "io/atomic_file.h"
+#include "io/json.h"
+
+namespace shardtune {
+
+namespace sf = safetensors;
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// --- raw tensors -------------------------------------------------------------------
+
+namespace {
+
+torch::ScalarType scalar_type_of(sf::DType d, const std::string& where) {
+  switch (d) {
+    case sf::DType::BOOL: return torch::kBool;
+    case sf::DType::U8: return torch::kUInt8;
+    case sf::DType::I8: return torch::kInt8;
+    case sf::DType::I16: return torch::kInt16;
+    case sf::DType::F16: return torch::kFloat16;
+    case sf::DType::BF16: return torch::kBFloat16;
+    case sf::DType::I32: return torch::kInt32;
+    case sf::DType::F32: return torch::kFloat32;
+    case sf::DType::F64: return torch::kFloat64;
+    case sf::DType::I64: return torch::kInt64;
+    default: break;
+  }
+  throw CheckpointError(where + ": dtype " + sf::dtype_name(d) + " has no LibTorch equivalent");
+}
+
+sf::DType safetensors_dtype_of(torch::ScalarType t, const std::string& name) {
+  switch (t) {
+    case torch::kBool: return sf::DType::BOOL;
+    case torch::kUInt8: return sf::DType::U8;
+    case torch::kInt8: return sf::DType::I8;
+    case torch::kInt16: return sf::DType::I16;
+    case torch::kFloat16: return sf::DType::F16;
+    case torch::kBFloat16: return sf::DType::BF16;
+    case torch::kInt32: return sf::DType::I32;
+    case torch::kFloat32: return sf::DType::F32;
+    case torch::kFloat64: return sf::DType::F64;
+    case torch::kInt64: return sf::DType::I64;
+    default: break;
+  }
+  throw CheckpointError("tensor '" + name + "' has a dtype safetensors cannot store: " +
+                        std::string(c10::toString(t)));
+}
+
+bool is_directory(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool file_exists(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
+
+std::string dir_of(const std::string& p) {
+  auto slash = p.find_last_of('/');
+  return slash == std::string::npos ? "." : p.substr(0, slash);
+}
+
+}  // namespace
+
+torch::Tensor tensor_from_safetensors(const sf::File& file, const sf::TensorInfo& info, torch::ScalarType dtype) {
+  const std::string where = file.path() + ":" + info.name;
+  torch::Tensor raw = torch::empty(info.shape, torch::TensorOptions().dtype(scalar_type_of(info.dtype, where)));
+  const size_t nbytes = info.end - info.begin;
+  if (nbytes) std::memcpy(raw.data_ptr(), file.data(info), nbytes);  // memcpy: the source may be unaligned
+  return raw.scalar_type() == dtype ? raw : raw.to(dtype);
+}
+
+// --- CheckpointReader --------------------------------------------------------------
+
+CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
+  std::string p = path;
+  if (is_directory(p)) {
+    if (file_exists(p + "/model.safetensors.index.json")) {
+      p += "/model.safetensors.index.json";
+    } else if (file_exists(p + "/model.safetensors")) {
+      p += "/model.safetensors";
+    } else {
+      throw CheckpointError(path + ": directory holds neither model.safetensors nor model.safetensors.index.json");
+    }
+  }
+  if (ends_with(p, ".index.json")) {
+    json::Value index;
+    try {
+      index = json::parse(io::read_text(p));
+    } catch (const std::exception& e) {
+      throw CheckpointError(p + ": cannot read the checkpoint index: " + e.what());
+    }
+    const json::Value* map = index.is_object() ? index.find("weight_map") : nullptr;
+    if (!map || !map->is_object()) throw CheckpointError(p + ": index has no \"weight_map\" object");
+    std::set<std::string> shards;
+    std::map<std::string, std::string> expected;  // tensor -> shard file
+    for (const auto& [name, file] : map->as_object()) {
+      if (!file.is_string()) throw CheckpointError(p + ": weight_map entry '" + name + "' is not a file name");
+      shards.insert(file.as_string());
+      expected[name] = file.as_string();
+    }
+    for (const auto& shard : shards) add_file(dir_of(p) + "/" + shard);
+    for (const auto& [name, file] : expected) {
+      auto it = entries_.find(name);
+      if (it == entries_.end() || !ends_with(it->second.source, "/" + file + ":" + name))
+        throw CheckpointError(p + ": weight_map puts '" + name + "' in " + file + " but that file does not hold it");
+    }
+    if (entries_.size() != expected.size())
+      throw CheckpointError(p + ": the shard files hold " + std::to_string(entries_.size()) +
+                            " tensors but weight_map lists " + std::to_string(expected.size()));
+  } else {
+    add_file(p);
+  }
+  map_hf_names();
+}
+
+void CheckpointReader::add_file(const std::string& file) {
+  auto f = std::make_shared<sf::File>(file);
+  files_.push_back(f);
+  for (const auto& info : f->header().tensors) {
+    if (entries_.count(info.name))
+      throw CheckpointError(file + ": tensor '" + info.name + "' also appears in " + entries_[info.name].source);
+    Entry e;
+    e.shape = info.shape;
+    e.source = file + ":" + info.name;
+    const sf::TensorInfo* ip = f->find(info.name);
+    e.read = [f, ip](torch::ScalarType dt) { return tensor_from_safetensors(*f, *ip, dt); };
+    entries_.emplace(info.name, std::move(e));
+  }
+}
+
+// Hugging Face ViTModel / ViTForImageClassification / Dinov2Model names -> timm names.
+void CheckpointReader::map_hf_names() {
+  bool hf = false;
+  for (const auto& [name, _] : entries_)
+    hf = hf || starts_with(name, "embeddings.") || starts_with(name, "vit.embeddings.") ||
+         starts_with(name, "dinov2.embeddings.");
+  if (!hf) return;
+  mapped_from_hf_ = true;
+
+  static const std::vector<std::pair<std::string, std::string>> kBlockParts = {
+      {"layernorm_before.", "norm1."},       {"norm1.", "norm1."},
+      {"layernorm_after.", "norm2."},        {"norm2.", "norm2."},
+      {"attention.output.dense.", "attn.proj."},
+      {"intermediate.dense.", "mlp.fc1."},   {"output.dense.", "mlp.fc2."},
+      {"mlp.fc1.", "mlp.fc1."},              {"mlp.fc2.", "mlp.fc2."},
+      {"layer_scale1.lambda1", "ls1.gamma"}, {"layer_scale2.lambda1", "ls2.gamma"},
+  };
+  std::map<std::string, Entry> out;
+  // qkv pieces: timm name -> {query, key, value}
+  std::map<std::string, std::array<const Entry*, 3>> qkv;
+  for (auto& [raw, e] : entries_) {
+    std::string n = raw;
+    for (const char* prefix : {"vit.", "dinov2."})
+      if (starts_with(n, prefix)) n = n.substr(std::strlen(prefix));
+    std::string mapped;
+    if (n == "embeddings.cls_token") mapped = "cls_token";
+    else if (n == "embeddings.position_embeddings") mapped = "pos_embed";
+    else if (starts_with(n, "embeddings.patch_embeddings.projection.")) mapped = "patch_embed.proj." + n.substr(39);
+    else if (n == "embeddings.mask_token" || starts_with(n, "pooler.")) continue;  // not part of a timm ViT
+    else if (starts_with(n, "layernorm.")) mapped = "norm." + n.substr(10);
+    else if (starts_with(n, "classifier.")) mapped = "head." + n.substr(11);
+    else if (starts_with(n, "encoder.layer.")) {
+      std::string rest = n.substr(14);
+      auto dot = rest.find('.');
+      std::string idx = rest.substr(0, dot), part = dot == std::string::npos ? "" : rest.substr(dot + 1);
+      std::string block = "blocks." + idx + ".";
+      int which = -1;
+      for (int k = 0; k < 3; ++k) {
+        static const char* kQkv[] = {"attention.attention.query.", "attention.attention.key.",
+                                     "attention.attention.value."};
+        if (starts_with(part, kQkv[k])) {
+          which = k;
+          qkv[block + "attn.qkv." + part.substr(std::strlen(kQkv[k]))][static_cast<size_t>(k)] = &e;
+        }
+      }
+      if (which >= 0) continue;
+      for (const auto& [from, to] : kBlockParts)
+        if (mapped.empty() && starts_with(part, from)) mapped = block + to + part.substr(from.size());
+    }
+    out[mapped.empty() ? raw : mapped] = e;  // unmapped names surface as unexpected keys
+  }
+  for (const auto& [name, parts] : qkv) {
+    if (!parts[0] || !parts[1] || !parts[2]) {  // incomplete: keep the pieces so the loader reports them
+      for (const Entry* p : parts)
+        if (p) out[p->source.substr(p->source.rfind(':') + 1)] = *p;
+      continue;
+    }
+    Entry fused;
+    fused.shape = parts[0]->shape;
+    fused.shape[0] *= 3;
+    fused.source = parts[0]->source + " (+key, value)";
+    auto q = parts[0]->read, k = parts[1]->read, v = parts[2]->read;
+    fused.read = [q, k, v](torch::ScalarType dt) { return torch::cat({q(dt), k(dt), v(dt)}, 0); };
+    out[name] = std::move(fused);
+  }
+  entries_ = std::move(out);
+}
+
+std::vector<std::string> CheckpointReader::names() const {
+  std::vector<std::string> n;
+  for (const auto& [k, _] : entries_) n.push_back(k);
+  return n;
+}
+
+std::vector<int64_t> CheckpointReader::shape(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw CheckpointError(path_ + ": no tensor '" + name + "'");
+  return it->second.shape;
+}
+
+torch::Tensor CheckpointReader::read(const std::string& name, torch::ScalarType dtype) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw CheckpointError(path_ + ": no tensor '" + name + "'");
+  return it->second.read(dtype);
+}
+
+std::string CheckpointReader::source(const std::string& name) const {
+  auto it = entries_.find(name);
+  return it == entries_.end() ? path_ + ":" + name : it->second.source;
+}
+
+// --- model state ------------------------------------------------------------------
+
+std::vector<std::pair<std::string, torch::Tensor>> state_of(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : module.named_parameters()) out.emplace_back(p.key(), p.value());
+  for (const auto& b : module.named_buffers()) out.emplace_back(b.key(), b.value());
+  return out;
+}
+
+void load_state(torch::nn::Module& module, const CheckpointReader& reader) {
+  auto state = state_of(module);
+  std::vector<std::string> problems;
+  std::set<std::string> expected;
+  for (const auto& [name, t] : state) {
+    expected.insert(name);
+    if (!reader.contains(name)) {
+      problems.push_back("missing key " + name + " (expected shape " + shape_str(t.sizes().vec()) + ")");
+      continue;
+    }
+    auto found = reader.shape(name);
+    if (found != t.sizes().vec())
+      problems.push_back("shape mismatch for " + name + ": expected " + shape_str(t.sizes().vec()) + ", found " +
+                         shape_str(found));
+  }
+  for (const auto& name : reader.names())
+    if (!expected.count(name))
+      problems.push_back("unexpected key " + name + " (shape " + shape_str(reader.shape(name)) + ")");
+  if (!problems.empty()) {
+    std::string msg = reader.path() + " does not fit the model: " + std::to_string(problems.size()) + " problem" +
+                      (problems.size() > 1 ? "s" : "") + ": ";
+    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
+    throw CheckpointError(msg);
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : state) t.copy_(reader.read(name, t.scalar_type()));
+}
+
+void save_tensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                  const std::map<std::string, std::string>& metadata) {
+  std::vector<torch::Tensor> keep;  // contiguous CPU copies live until the write is done
+  std::vector<sf::TensorView> views;
+  for (const auto& [name, t] : tensors) {
+    torch::Tensor c = t.detach().to(torch::kCPU).contiguous();
+    keep.push_back(c);
+    sf::TensorView v;
+    v.name = name;
+    v.dtype = safetensors_dtype_of(c.scalar_type(), name);
+    v.shape = c.sizes().vec();
+    v.data = c.data_ptr();
+    v.nbytes = c.numel() * c.element_size();
+    views.push_back(std::move(v));
+  }
+  sf::write(path, views, metadata);
+}
+
+}  // namespace shardtune

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# End-to-end checks of the shardtune binary: init -> predict, exit codes (2 usage, 1
+# runtime) and one-line messages that name the offending key, value or file.
+# usage: test_cli.sh SHARDTUNE MAKE_INPUT WORKDIR
+set -u
+st=$1 mk=$2 work=$3
+rm -rf "$work" && mkdir -p "$work"
+fails=0
+
+# expect CODE REGEX -- command...: the exit code is CODE and stdout+stderr match REGEX.
+expect() {
+  local code=$1 regex=$2; shift 3
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  if [[ $rc -ne $code ]] || ! tr '\n' ' ' <<<"$out" | grep -Eq -- "$regex"; then
+    echo "FAIL: $* -> exit $rc (want $code), output:"; echo "$out" | sed 's/^/    /'; echo "    (wanted /$regex/)"
+    fails=$((fails + 1))
+  else
+    echo "ok: $*"
+  fi
+}
+
+cfg=$work/tiny.ini
+cat >"$cfg" <<INI
+[model]
+arch = vit
+image_size = 28
+patch_size = 7
+in_chans = 1
+dim = 32
+depth = 2
+heads = 4
+mlp_dim = 64
+num_classes = 5
+[train]
+seed = 3
+INI
+
+# Happy path: init twice with one seed gives identical files; predict writes logits.
+expect 0 "wrote .*init.safetensors" -- "$st" init --config "$cfg" --out "$work/init.safetensors"
+expect 0 "wrote" -- "$st" init --config "$cfg" --out "$work/init2.safetensors"
+cmp -s "$work/init.safetensors" "$work/init2.safetensors" || { echo "FAIL: init is not deterministic"; fails=$((fails+1)); }
+expect 0 "wrote 6 images" -- "$mk" /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
+  /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz 6 28 1 0.286,0.353 "$work/input.safetensors"
+expect 0 "wrote logits \[6, 5\].*top-1 against the input's labels" -- \
+  "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" --input "$work/input.safetensors" \
+  --out "$work/logits.safetensors" --batch-size 4
+[[ -s "$work/logits.safetensors" ]] || { echo "FAIL: no logits file"; fails=$((fails+1)); }
+expect 0 "\[rank 0\] \[info\]" -- "$st" init --config "$cfg" --out "$work/x.safetensors"
+expect 0 "usage: shardtune predict" -- "$st" predict --help
+expect 0 "model.global_pool" -- "$st" init --help
+
+# Usage errors: exit 2, naming the key or value.
+expect 2 "unknown command 'trian'" -- "$st" trian
+expect 2 "usage: shardtune" -- "$st"
+expect 2 "model.colour" -- "$st" init --config "$cfg" --model.colour red --out "$work/y.safetensors"
+expect 2 "model.dim" -- "$st" init --config "$cfg" --model.dim wide --out "$work/y.safetensors"
+expect 2 "model.heads=5 does not divide model.dim=32" -- "$st" init --config "$cfg" --model.heads 5 --out "$work/y.safetensors"
+expect 2 "--out is required" -- "$st" init --config "$cfg"
+expect 2 "model.checkpoint is not set" -- "$st" predict --config "$cfg" --input "$work/input.safetensors" --out "$work/y.safetensors"
+expect 2 "--config /nonexistent.ini: cannot open" -- "$st" init --config /nonexistent.ini --out "$work/y.safetensors"
+expect 2 "log-level=loud" -- "$st" init --config "$cfg" --out "$work/y.safetensors" --log-level loud
+
+# Runtime errors: exit 1, naming the file and the problem; outputs already there survive.
+cp "$work/logits.safetensors" "$work/logits.bak"
+printf 'xyz' >"$work/short.safetensors"
+expect 1 "short.safetensors: file is 3 bytes" -- \
+  "$st" predict --config "$cfg" --model.checkpoint "$work/short.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
+expect 1 "does not fit the model: .*shape mismatch for pos_embed: expected \[1, 17, 64\], found \[1, 17, 32\]" -- \
+  "$st" predict --config "$cfg" --model.dim 64 --model.checkpoint "$work/init.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
+"$st" init --config "$cfg" --model.in_chans 3 --out "$work/x3.safetensors" >/dev/null 2>&1
+expect 1 "input.safetensors: tensor 'input' has shape \[6, 1, 28, 28\], the model needs \[B, 3, 28, 28\]" -- \
+  "$st" predict --config "$cfg" --model.in_chans 3 --model.checkpoint "$work/x3.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
+expect 1 "missing.safetensors: cannot open" -- \
+  "$st" predict --config "$cfg" --model.checkpoint "$work/missing.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
+cmp -s "$work/logits.safetensors" "$work/logits.bak" || { echo "FAIL: a failed run changed an existing output"; fails=$((fails+1)); }
+
+echo "$fails failure(s)"
+[[ $fails -eq 0 ]]

@@ -1,0 +1,294 @@
+// The backbone: parameter names and counts are timm's, and the forward pass equals an
+// independent scalar implementation of timm's ViT (written below with plain loops in
+// double precision) for every option: token/avg pooling, qkv bias, layer scale, QK-norm.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "models/vit.h"
+#include "tests/tiny.h"
+
+using namespace shardtune;
+
+// --- parameter counts ----------------------------------------------------------------
+
+TEST(ViTConfig, PresetParameterCountsMatchTimm) {
+  // timm.create_model(name).num_parameters() with 1000 classes.
+  const std::map<std::string, int64_t> timm = {
+      {"vit_tiny_patch16_224", 5717416},
+      {"vit_small_patch16_224", 22050664},
+      {"vit_base_patch16_224", 86567656},
+      {"vit_large_patch16_224", 304326632},
+      {"vit_huge_patch14_224", 632045800},
+  };
+  for (const auto& [name, count] : timm) EXPECT_EQ(vit_preset(name).param_count(), count) << name;
+  // REFERENCE.md's rounded sizes for the presets timm does not ship at 224 px with a head.
+  const std::map<std::string, double> approx = {{"vit_giant_patch14_224", 1.0e9},
+                                                {"vit_gigantic_patch14_224", 1.8e9},
+                                                {"vit_e_patch14_224", 3.9e9},
+                                                {"vit_22b", 21.7e9}};
+  for (const auto& [name, count] : approx)
+    EXPECT_NEAR(vit_preset(name).param_count() / count, 1.0, 0.04) << name << " " << vit_preset(name).param_count();
+}
+
+TEST(ViTConfig, BuiltModelHasTheClosedFormCount) {
+  for (const char* arch : {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"}) {
+    VisionTransformer m(vit_preset(arch));
+    int64_t n = 0;
+    for (const auto& p : m->parameters()) n += p.numel();
+    EXPECT_EQ(n, vit_preset(arch).param_count()) << arch;
+  }
+  for (const ViTConfig& c : tiny_variants()) {
+    VisionTransformer m(c);
+    int64_t n = 0;
+    for (const auto& p : m->parameters()) n += p.numel();
+    EXPECT_EQ(n, c.param_count()) << describe(c);
+  }
+}
+
+TEST(ViTConfig, UnknownPresetListsTheKnownOnes) {
+  try {
+    vit_preset("vit_enormous");
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("model.arch=vit_enormous"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("vit_giant_patch14_224"), std::string::npos);
+  }
+  EXPECT_EQ(vit_preset("vit_22b").dim, 6144);
+  EXPECT_FALSE(vit_preset("vit_22b").qkv_bias);
+  EXPECT_TRUE(vit_preset("vit_22b").qk_norm);
+}
+
+TEST(ViTConfig, ValidationNamesTheKeys) {
+  ViTConfig c = tiny_config();
+  c.heads = 5;
+  EXPECT_THROW(
+      {
+        try {
+          c.validate();
+        } catch (const std::invalid_argument& e) {
+          EXPECT_STREQ(e.what(), "model.heads=5 does not divide model.dim=32");
+          throw;
+        }
+      },
+      std::invalid_argument);
+  c = tiny_config();
+  c.patch_size = 5;
+  EXPECT_THROW(c.validate(), std::invalid_argument);
+  c = tiny_config();
+  c.global_pool = "max";
+  EXPECT_THROW(c.validate(), std::invalid_argument);
+}
+
+TEST(ViTConfig, ForwardFlopsOfViTBase) {
+  // REFERENCE.md: ViT-B/16 forward at 224 px is 35.1 GFLOPs.
+  EXPECT_NEAR(vit_preset("vit_base_patch16_224").forward_flops_per_image() / 1e9, 35.1, 0.2);
+}
+
+// --- names ---------------------------------------------------------------------------
+
+TEST(ViT, ParameterNamesAreTimms) {
+  ViTConfig c = tiny_config();
+  c.layer_scale = 1e-5;
+  c.qk_norm = true;
+  VisionTransformer m(c);
+  std::set<std::string> names;
+  for (const auto& p : m->named_parameters()) names.insert(p.key());
+  for (const char* want :
+       {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias",
+        "blocks.0.attn.proj.weight", "blocks.1.norm2.bias", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.bias",
+        "blocks.1.ls1.gamma", "blocks.1.ls2.gamma", "norm.weight", "norm.bias", "head.weight", "head.bias"})
+    EXPECT_TRUE(names.count(want)) << want;
+  c.global_pool = "avg";
+  c.qkv_bias = false;
+  VisionTransformer avg(c);
+  names.clear();
+  for (const auto& p : avg->named_parameters()) names.insert(p.key());
+  EXPECT_TRUE(names.count("fc_norm.weight"));
+  EXPECT_FALSE(names.count("norm.weight"));
+  EXPECT_FALSE(names.count("blocks.0.attn.qkv.bias"));
+}
+
+TEST(ViT, InitIsSeededAndTimmLike) {
+  torch::manual_seed(7);
+  VisionTransformer a(tiny_config());
+  torch::manual_seed(7);
+  VisionTransformer b(tiny_config());
+  auto pa = a->named_parameters(), pb = b->named_parameters();
+  for (const auto& p : pa) EXPECT_TRUE(torch::equal(p.value(), pb[p.key()])) << p.key();
+  torch::Tensor w = pa["blocks.0.mlp.fc1.weight"];
+  EXPECT_NEAR(w.std().item<double>(), 0.02 * 0.88, 0.004);  // trunc_normal(0.02) at +-2 std: std 0.88 * 0.02
+  EXPECT_LE(w.abs().max().item<double>(), 0.04 + 1e-7);
+  EXPECT_EQ(pa["blocks.0.mlp.fc1.bias"].abs().sum().item<double>(), 0.0);
+  EXPECT_TRUE(torch::equal(pa["norm.weight"], torch::ones({32})));
+  EXPECT_LT(pa["cls_token"].abs().max().item<double>(), 1e-5);
+}
+
+// --- forward against the scalar reference ------------------------------------------------
+
+namespace {
+
+using Vec = std::vector<double>;
+using Mat = std::vector<Vec>;  // [rows][cols]
+
+struct Weights {
+  std::map<std::string, torch::Tensor> t;
+  double at(const std::string& name, std::initializer_list<int64_t> idx) const {
+    torch::Tensor x = t.at(name);
+    int64_t off = 0, i = 0;
+    for (int64_t v : idx) off = off * x.size(i++) + v;
+    return x.data_ptr<double>()[off];
+  }
+  bool has(const std::string& name) const { return t.count(name) > 0; }
+};
+
+Mat linear(const Weights& w, const std::string& name, const Mat& x) {
+  const torch::Tensor& W = w.t.at(name + ".weight");
+  const int64_t out = W.size(0), in = W.size(1);
+  Mat y(x.size(), Vec(static_cast<size_t>(out), 0.0));
+  for (size_t n = 0; n < x.size(); ++n)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = w.has(name + ".bias") ? w.at(name + ".bias", {o}) : 0.0;
+      for (int64_t i = 0; i < in; ++i) s += w.at(name + ".weight", {o, i}) * x[n][static_cast<size_t>(i)];
+      y[n][static_cast<size_t>(o)] = s;
+    }
+  return y;
+}
+
+Vec layer_norm(const Weights& w, const std::string& name, const Vec& x) {
+  double mean = 0, var = 0;
+  for (double v : x) mean += v;
+  mean /= static_cast<double>(x.size());
+  for (double v : x) var += (v - mean) * (v - mean);
+  var /= static_cast<double>(x.size());
+  Vec y(x.size());
+  for (size_t i = 0; i < x.size(); ++i)
+    y[i] = (x[i] - mean) / std::sqrt(var + 1e-6) * w.at(name + ".weight", {static_cast<int64_t>(i)}) +
+           w.at(name + ".bias", {static_cast<int64_t>(i)});
+  return y;
+}
+
+Mat layer_norm_rows(const Weights& w, const std::string& name, const Mat& x) {
+  Mat y;
+  for (const auto& row : x) y.push_back(layer_norm(w, name, row));
+  return y;
+}
+
+// timm's ViT forward for one image [C, H, W], everything in double.
+Vec reference_forward(const ViTConfig& c, const Weights& w, const torch::Tensor& image) {
+  const int64_t D = c.dim, P = c.patch_size, g = c.grid(), H = c.heads, hd = c.head_dim();
+  Mat x;  // tokens [N+1][D]
+  Vec cls(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d) cls[static_cast<size_t>(d)] = w.at("cls_token", {0, 0, d});
+  x.push_back(cls);
+  auto img = image.accessor<double, 3>();
+  for (int64_t py = 0; py < g; ++py)
+    for (int64_t px = 0; px < g; ++px) {
+      Vec tok(static_cast<size_t>(D));
+      for (int64_t d = 0; d < D; ++d) {
+        double s = w.at("patch_embed.proj.bias", {d});
+        for (int64_t ch = 0; ch < c.in_chans; ++ch)
+          for (int64_t ky = 0; ky < P; ++ky)
+            for (int64_t kx = 0; kx < P; ++kx)
+              s += w.at("patch_embed.proj.weight", {d, ch, ky, kx}) * img[ch][py * P + ky][px * P + kx];
+        tok[static_cast<size_t>(d)] = s;
+      }
+      x.push_back(tok);
+    }
+  const size_t N = x.size();
+  for (size_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) x[n][static_cast<size_t>(d)] += w.at("pos_embed", {0, static_cast<int64_t>(n), d});
+
+  for (int64_t b = 0; b < c.depth; ++b) {
+    const std::string p = "blocks." + std::to_string(b) + ".";
+    Mat qkv = linear(w, p + "attn.qkv", layer_norm_rows(w, p + "norm1", x));  // [N][3D]
+    Mat attn_out(N, Vec(static_cast<size_t>(D), 0.0));
+    for (int64_t h = 0; h < H; ++h) {
+      Mat q(N, Vec(static_cast<size_t>(hd))), k = q, v = q;
+      for (size_t n = 0; n < N; ++n)
+        for (int64_t e = 0; e < hd; ++e) {
+          q[n][static_cast<size_t>(e)] = qkv[n][static_cast<size_t>(h * hd + e)];
+          k[n][static_cast<size_t>(e)] = qkv[n][static_cast<size_t>(D + h * hd + e)];
+          v[n][static_cast<size_t>(e)] = qkv[n][static_cast<size_t>(2 * D + h * hd + e)];
+        }
+      if (c.qk_norm) {
+        q = layer_norm_rows(w, p + "attn.q_norm", q);
+        k = layer_norm_rows(w, p + "attn.k_norm", k);
+      }
+      for (size_t i = 0; i < N; ++i) {
+        Vec s(N);
+        double mx = -1e300, z = 0;
+        for (size_t j = 0; j < N; ++j) {
+          double dot = 0;
+          for (int64_t e = 0; e < hd; ++e) dot += q[i][static_cast<size_t>(e)] * k[j][static_cast<size_t>(e)];
+          s[j] = dot / std::sqrt(static_cast<double>(hd));
+          mx = std::max(mx, s[j]);
+        }
+        for (size_t j = 0; j < N; ++j) z += (s[j] = std::exp(s[j] - mx));
+        for (int64_t e = 0; e < hd; ++e) {
+          double o = 0;
+          for (size_t j = 0; j < N; ++j) o += s[j] / z * v[j][static_cast<size_t>(e)];
+          attn_out[i][static_cast<size_t>(h * hd + e)] = o;
+        }
+      }
+    }
+    Mat a = linear(w, p + "attn.proj", attn_out);
+    for (size_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d)
+        x[n][static_cast<size_t>(d)] += a[n][static_cast<size_t>(d)] * (c.layer_scale > 0 ? w.at(p + "ls1.gamma", {d}) : 1.0);
+    Mat hdn = linear(w, p + "mlp.fc1", layer_norm_rows(w, p + "norm2", x));
+    for (auto& row : hdn)
+      for (double& u : row) u = 0.5 * u * (1.0 + std::erf(u / std::sqrt(2.0)));  // exact GELU
+    Mat m = linear(w, p + "mlp.fc2", hdn);
+    for (size_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d)
+        x[n][static_cast<size_t>(d)] += m[n][static_cast<size_t>(d)] * (c.layer_scale > 0 ? w.at(p + "ls2.gamma", {d}) : 1.0);
+  }
+  Vec pooled;
+  if (c.global_pool == "avg") {
+    pooled.assign(static_cast<size_t>(D), 0.0);
+    for (size_t n = 1; n < N; ++n)
+      for (size_t d = 0; d < static_cast<size_t>(D); ++d) pooled[d] += x[n][d] / static_cast<double>(N - 1);
+    pooled = layer_norm(w, "fc_norm", pooled);
+  } else {
+    pooled = layer_norm(w, "norm", x[0]);
+  }
+  return linear(w, "head", Mat{pooled})[0];
+}
+
+}  // namespace
+
+class ViTMatchesReference : public ::testing::TestWithParam<ViTConfig> {};
+
+TEST_P(ViTMatchesReference, Logits) {
+  const ViTConfig c = GetParam();
+  torch::manual_seed(11);
+  VisionTransformer model(c);
+  randomize_for_test(*model);  // non-trivial norms, biases, cls token and layer scales
+  model->to(torch::kFloat64);
+  Weights w;
+  for (const auto& p : model->named_parameters()) w.t[p.key()] = p.value().detach().contiguous();
+  torch::Tensor images = torch::randn({2, c.in_chans, c.image_size, c.image_size}, torch::kFloat64);
+  torch::Tensor logits = model->forward(images).detach();
+  ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{2, c.num_classes}));
+  for (int64_t b = 0; b < 2; ++b) {
+    Vec ref = reference_forward(c, w, images[b]);
+    for (int64_t k = 0; k < c.num_classes; ++k)
+      EXPECT_NEAR(logits[b][k].item<double>(), ref[static_cast<size_t>(k)], 1e-9 * (1 + std::abs(ref[static_cast<size_t>(k)])))
+          << describe(c) << " image " << b << " class " << k;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Options, ViTMatchesReference, ::testing::ValuesIn(tiny_variants()),
+                         [](const ::testing::TestParamInfo<ViTConfig>& info) { return describe(info.param); });
+
+TEST(ViT, NoHeadReturnsPooledFeatures) {
+  ViTConfig c = tiny_config();
+  c.num_classes = 0;
+  VisionTransformer m(c);
+  EXPECT_EQ(m->forward(torch::randn({3, 1, 28, 28})).sizes(), (std::vector<int64_t>{3, 32}));
+}
