@@ -28,6 +28,17 @@ po::options_description config_key_options() {
     ("model.global_pool", po::value<std::string>(), "token | avg")
     ("model.layer_scale", po::value<double>(), "layer-scale init value, 0 = none")
     ("model.qk_norm", po::value<bool>(), "LayerNorm on q and k (true|false)")
+    ("peft.method", po::value<std::string>(), "lora adapter adaptformer vpt_shallow vpt_deep prefix bitfit ln_tune ssf fact_tt linear full none")
+    ("peft.targets", po::value<std::string>(), "modules: 'a,b' (exact or .suffix) or 're:<regex>'; default per method")
+    ("peft.exclude", po::value<std::string>(), "modules to leave out, same syntax")
+    ("peft.qkv_parts", po::value<std::string>(), "LoRA on fused attn.qkv: parts among q,k,v (default q,v)")
+    ("peft.rank", po::value<int64_t>(), "LoRA / FacT rank (default 8)")
+    ("peft.alpha", po::value<double>(), "LoRA alpha; scaling = alpha / rank (default 8)")
+    ("peft.dropout", po::value<double>(), "LoRA input dropout (default 0)")
+    ("peft.bottleneck", po::value<int64_t>(), "adapter / adaptformer width (default 8)")
+    ("peft.prompt_len", po::value<int64_t>(), "VPT / prefix tokens (default 10)")
+    ("peft.scale", po::value<double>(), "adaptformer output scale (0.1) / FacT scale (1)")
+    ("peft.train_head", po::value<bool>(), "train the classifier head (default true)")
     ("train.seed", po::value<uint64_t>(), "seed for initialisation");
   // clang-format on
   return d;
@@ -87,6 +98,20 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (has("model.qk_norm")) rc.model.qk_norm = vm["model.qk_norm"].as<bool>();
   if (has("model.checkpoint")) rc.checkpoint = vm["model.checkpoint"].as<std::string>();
   if (has("train.seed")) rc.seed = vm["train.seed"].as<uint64_t>();
+  auto str = [&](const char* k, std::string& field) {
+    if (has(k)) field = vm[k].as<std::string>();
+  };
+  str("peft.method", rc.peft.method);
+  str("peft.targets", rc.peft.targets);
+  str("peft.exclude", rc.peft.exclude);
+  str("peft.qkv_parts", rc.peft.qkv_parts);
+  set_i("peft.rank", rc.peft.rank);
+  set_i("peft.bottleneck", rc.peft.bottleneck);
+  set_i("peft.prompt_len", rc.peft.prompt_len);
+  if (has("peft.alpha")) rc.peft.alpha = vm["peft.alpha"].as<double>();
+  if (has("peft.dropout")) rc.peft.dropout = vm["peft.dropout"].as<double>();
+  if (has("peft.scale")) rc.peft.scale = vm["peft.scale"].as<double>();
+  if (has("peft.train_head")) rc.peft.train_head = vm["peft.train_head"].as<bool>();
   try {
     rc.model.validate();
   } catch (const std::invalid_argument& e) {
@@ -104,6 +129,14 @@ std::string to_ini(const RunConfig& c) {
     << "\nqkv_bias = " << (m.qkv_bias ? "true" : "false") << "\nglobal_pool = " << m.global_pool
     << "\nlayer_scale = " << m.layer_scale << "\nqk_norm = " << (m.qk_norm ? "true" : "false") << "\n";
   if (!c.checkpoint.empty()) s << "checkpoint = " << c.checkpoint << "\n";
+  const PeftConfig& p = c.peft;
+  s << "\n[peft]\nmethod = " << p.method << "\n";
+  if (!p.targets.empty()) s << "targets = " << p.targets << "\n";
+  if (!p.exclude.empty()) s << "exclude = " << p.exclude << "\n";
+  s << "qkv_parts = " << p.qkv_parts << "\nrank = " << p.rank << "\nalpha = " << p.alpha << "\ndropout = " << p.dropout
+    << "\nbottleneck = " << p.bottleneck << "\nprompt_len = " << p.prompt_len << "\n";
+  if (p.scale) s << "scale = " << *p.scale << "\n";
+  s << "train_head = " << (p.train_head ? "true" : "false") << "\n";
   s << "\n[train]\nseed = " << c.seed << "\n";
   return s.str();
 }

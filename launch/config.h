@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "models/vit_config.h"
+#include "peft/peft_config.h"
 
 namespace shardtune {
 
@@ -24,6 +25,7 @@ struct RunConfig {
   ViTConfig model;
   std::string checkpoint;  // model.checkpoint: safetensors file, index.json or directory
   uint64_t seed = 0;       // train.seed: initialisation and data order
+  PeftConfig peft;
 };
 
 // Every config key, as options named "section.key".

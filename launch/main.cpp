@@ -16,6 +16,8 @@
 #include "launch/config.h"
 #include "models/checkpoint.h"
 #include "models/vit.h"
+#include "peft/adapter_io.h"
+#include "peft/method.h"
 
 using namespace shardtune;
 namespace po = boost::program_options;
@@ -27,7 +29,8 @@ constexpr const char* kUsage =
     "\n"
     "commands:\n"
     "  init     --config F --out FILE.safetensors       a randomly initialised backbone (timm names)\n"
-    "  predict  --config F --input X --out Y            logits of a backbone for a batch of images\n"
+    "  predict  --config F --input X --out Y [--adapter DIR]   logits for a batch of images\n"
+    "  merge    --config F --adapter DIR --out FILE      fold a lora/ssf/fact_tt adapter into the backbone\n"
     "\n"
     "Every command takes --config FILE (INI), --section.key VALUE overrides, --log-level, --help.\n"
     "'shardtune <command> --help' lists its options and every config key.\n";
@@ -49,6 +52,33 @@ VisionTransformer build_model(const RunConfig& rc) {
   return VisionTransformer(rc.model);
 }
 
+// The backbone from model.checkpoint, with the adapter in `adapter_dir` applied if given.
+struct LoadedModel {
+  VisionTransformer model{nullptr};
+  PeftState peft;
+  AdapterConfig adapter;
+};
+
+LoadedModel load_backbone(const RunConfig& rc, const std::string& adapter_dir) {
+  if (rc.checkpoint.empty()) throw UsageError("model.checkpoint is not set (--model.checkpoint FILE)");
+  LoadedModel out;
+  if (!adapter_dir.empty()) {  // check the cheap file first
+    out.adapter = read_adapter_config(adapter_dir);
+    check_adapter_fits(out.adapter, rc.model, adapter_dir);
+  }
+  out.model = build_model(rc);
+  load_state(*out.model, CheckpointReader(rc.checkpoint));
+  spdlog::info("loaded {} from {}", rc.model.arch, rc.checkpoint);
+  if (!adapter_dir.empty()) {
+    out.peft = apply_peft(*out.model, out.adapter.peft);
+    load_adapter_weights(adapter_dir, out.peft);
+    spdlog::info("applied {} adapter from {} ({} tensors)", out.adapter.peft.method, adapter_dir,
+                 out.peft.trainable.size());
+  }
+  out.model->eval();
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // init: a randomly initialised backbone, seeded, written in timm naming.
 int cmd_init(const po::variables_map& vm) {
@@ -68,12 +98,8 @@ int cmd_predict(const po::variables_map& vm) {
   const std::string input_path = required(vm, "input"), out_path = required(vm, "out");
   const int64_t batch = vm["batch-size"].as<int64_t>();
   if (batch <= 0) throw UsageError("--batch-size=" + std::to_string(batch) + " must be positive");
-  if (rc.checkpoint.empty()) throw UsageError("model.checkpoint is not set (--model.checkpoint FILE)");
-
-  VisionTransformer model = build_model(rc);
-  load_state(*model, CheckpointReader(rc.checkpoint));
-  model->eval();
-  spdlog::info("loaded {} from {}", rc.model.arch, rc.checkpoint);
+  const std::string adapter_dir = vm.count("adapter") ? vm["adapter"].as<std::string>() : "";
+  VisionTransformer model = load_backbone(rc, adapter_dir).model;
 
   CheckpointReader input(input_path);
   if (!input.contains("input")) throw std::runtime_error(input_path + ": no tensor named 'input'");
@@ -103,6 +129,18 @@ int cmd_predict(const po::variables_map& vm) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------
+// merge: backbone + adapter -> one plain timm-named backbone (head included).
+int cmd_merge(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  const std::string adapter_dir = required(vm, "adapter"), out = required(vm, "out");
+  LoadedModel m = load_backbone(rc, adapter_dir);
+  merge_peft(*m.model, m.adapter.peft.method);
+  save_tensors(out, backbone_state(*m.model, m.peft), {{"format", "pt"}, {"shardtune_config", to_ini(rc)}});
+  spdlog::info("merged the {} adapter into {}", m.adapter.peft.method, out);
+  return 0;
+}
+
 struct Command {
   const char* name;
   int (*run)(const po::variables_map&);
@@ -119,13 +157,22 @@ po::options_description predict_options() {
   po::options_description d("predict options");
   d.add_options()("input", po::value<std::string>(), ".safetensors with 'input' [B,C,H,W] float32 (and optional 'labels' [B])")(
       "out", po::value<std::string>(), ".safetensors to write with 'logits' [B,num_classes] float32")(
-      "batch-size", po::value<int64_t>()->default_value(32), "images per forward pass");
+      "batch-size", po::value<int64_t>()->default_value(32), "images per forward pass")(
+      "adapter", po::value<std::string>(), "adapter directory (adapter_config.json + adapter_model.safetensors)");
+  return d;
+}
+
+po::options_description merge_options() {
+  po::options_description d("merge options");
+  d.add_options()("adapter", po::value<std::string>(), "adapter directory")(
+      "out", po::value<std::string>(), "merged backbone .safetensors to write");
   return d;
 }
 
 const Command kCommands[] = {
     {"init", cmd_init, init_options},
     {"predict", cmd_predict, predict_options},
+    {"merge", cmd_merge, merge_options},
 };
 
 }  // namespace

@@ -8,21 +8,18 @@ namespace {
 
 constexpr double kLayerNormEps = 1e-6;  // timm's ViT
 
-torch::nn::LayerNorm layer_norm(int64_t width) {
-  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({width}).eps(kLayerNormEps));
-}
+std::shared_ptr<Op> layer_norm(int64_t width) { return std::make_shared<LayerNormOp>(width); }
 
-void reset_layer_norm(torch::nn::LayerNorm& ln) {
-  if (!ln) return;
-  torch::nn::init::ones_(ln->weight);
-  torch::nn::init::zeros_(ln->bias);
-}
-
-void init_linear(LinearLayer& layer) {
-  auto* dense = dynamic_cast<DenseLinear*>(&layer);
-  if (!dense) return;  // a swapped-in layer initialises itself
-  trunc_normal_(dense->weight, 0.02);
-  if (dense->bias.defined()) torch::nn::init::zeros_(dense->bias);
+// Initialises the plain layers; a swapped-in layer initialises itself.
+void init_op(const std::shared_ptr<Op>& op) {
+  if (!op) return;
+  if (auto* ln = dynamic_cast<LayerNormOp*>(op.get())) {
+    torch::nn::init::ones_(ln->weight);
+    torch::nn::init::zeros_(ln->bias);
+  } else if (auto* dense = dynamic_cast<DenseLinear*>(op.get())) {
+    trunc_normal_(dense->weight, 0.02);
+    if (dense->bias.defined()) torch::nn::init::zeros_(dense->bias);
+  }
 }
 
 }  // namespace
@@ -48,6 +45,44 @@ DenseLinear::DenseLinear(int64_t in_features, int64_t out_features, bool with_bi
 
 torch::Tensor DenseLinear::forward(const torch::Tensor& x) { return torch::linear(x, weight, bias); }
 
+LayerNormOp::LayerNormOp(int64_t w) : width(w) {
+  weight = register_parameter("weight", torch::ones({w}));
+  bias = register_parameter("bias", torch::zeros({w}));
+}
+
+torch::Tensor LayerNormOp::forward(const torch::Tensor& x) {
+  return torch::layer_norm(x, {width}, weight, bias, kLayerNormEps);
+}
+
+// --- Slots -----------------------------------------------------------------------------
+
+void Slot::replace(std::shared_ptr<Op> op) const { *member = owner->replace_module(name, std::move(op)); }
+
+std::vector<Slot> slots(VisionTransformerImpl& m) {
+  std::vector<Slot> out;
+  auto add = [&](const std::string& prefix, Slot::Kind kind, torch::nn::Module* owner, const std::string& name,
+                 std::shared_ptr<Op>* member) {
+    if (*member) out.push_back({prefix + name, kind, owner, name, member});
+  };
+  using K = Slot::Kind;
+  for (size_t i = 0; i < m.blocks->size(); ++i) {
+    BlockImpl* b = m.blocks->ptr<BlockImpl>(i).get();
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    add(p, K::Norm, b, "norm1", &b->norm1);
+    add(p + "attn.", K::Linear, b->attn.get(), "qkv", &b->attn->qkv);
+    add(p + "attn.", K::Norm, b->attn.get(), "q_norm", &b->attn->q_norm);
+    add(p + "attn.", K::Norm, b->attn.get(), "k_norm", &b->attn->k_norm);
+    add(p + "attn.", K::Linear, b->attn.get(), "proj", &b->attn->proj);
+    add(p, K::Norm, b, "norm2", &b->norm2);
+    add(p + "mlp.", K::Linear, b->mlp.get(), "fc1", &b->mlp->fc1);
+    add(p + "mlp.", K::Linear, b->mlp.get(), "fc2", &b->mlp->fc2);
+  }
+  add("", K::Norm, &m, "norm", &m.norm);
+  add("", K::Norm, &m, "fc_norm", &m.fc_norm);
+  add("", K::Linear, &m, "head", &m.head);
+  return out;
+}
+
 // --- Attention -------------------------------------------------------------------------
 
 AttentionImpl::AttentionImpl(const ViTConfig& c)
@@ -58,11 +93,6 @@ AttentionImpl::AttentionImpl(const ViTConfig& c)
     k_norm = register_module("k_norm", layer_norm(c.head_dim()));
   }
   proj = register_module("proj", std::make_shared<DenseLinear>(c.dim, c.dim, true));
-}
-
-void AttentionImpl::set_linear(const std::string& name, std::shared_ptr<LinearLayer> layer) {
-  TORCH_CHECK(name == "qkv" || name == "proj", "attention has no linear layer '", name, "'");
-  (name == "qkv" ? qkv : proj) = replace_module(name, std::move(layer));
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
@@ -77,6 +107,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
     q = q_norm->forward(q);
     k = k_norm->forward(k);
   }
+  if (kv_extension) std::tie(k, v) = kv_extension->extend(k, v);
   torch::Tensor attn = torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);  // [B, H, N, N]
   torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({B, N, local_width});
   return proj->forward(out);
@@ -87,11 +118,6 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
 MlpImpl::MlpImpl(const ViTConfig& c) {
   fc1 = register_module("fc1", std::make_shared<DenseLinear>(c.dim, c.mlp_dim, true));
   fc2 = register_module("fc2", std::make_shared<DenseLinear>(c.mlp_dim, c.dim, true));
-}
-
-void MlpImpl::set_linear(const std::string& name, std::shared_ptr<LinearLayer> layer) {
-  TORCH_CHECK(name == "fc1" || name == "fc2", "mlp has no linear layer '", name, "'");
-  (name == "fc1" ? fc1 : fc2) = replace_module(name, std::move(layer));
 }
 
 torch::Tensor MlpImpl::forward(const torch::Tensor& x) { return fc2->forward(torch::gelu(fc1->forward(x))); }
@@ -113,10 +139,12 @@ BlockImpl::BlockImpl(const ViTConfig& c) {
   }
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
+torch::Tensor BlockImpl::forward(const torch::Tensor& input) {
+  torch::Tensor x = pre ? pre->forward(input) : input;
   torch::Tensor a = attn->forward(norm1->forward(x));
   torch::Tensor h = x + (ls1_gamma.defined() ? a * ls1_gamma : a);
   torch::Tensor m = mlp->forward(norm2->forward(h));
+  if (mlp_side) m = m + mlp_side->forward(h);
   return h + (ls2_gamma.defined() ? m * ls2_gamma : m);
 }
 
@@ -156,20 +184,15 @@ void VisionTransformerImpl::init_weights() {
   patch_embed->proj->reset_parameters();  // PyTorch's default conv init, as timm keeps it
   for (size_t i = 0; i < blocks->size(); ++i) {
     Block b = block(i);
-    reset_layer_norm(b->norm1);
-    reset_layer_norm(b->norm2);
-    reset_layer_norm(b->attn->q_norm);
-    reset_layer_norm(b->attn->k_norm);
-    init_linear(*b->attn->qkv);
-    init_linear(*b->attn->proj);
-    init_linear(*b->mlp->fc1);
-    init_linear(*b->mlp->fc2);
+    for (const auto* op : {&b->norm1, &b->norm2, &b->attn->q_norm, &b->attn->k_norm, &b->attn->qkv, &b->attn->proj,
+                           &b->mlp->fc1, &b->mlp->fc2})
+      init_op(*op);
     if (b->ls1_gamma.defined()) b->ls1_gamma.fill_(config.layer_scale);
     if (b->ls2_gamma.defined()) b->ls2_gamma.fill_(config.layer_scale);
   }
-  reset_layer_norm(norm);
-  reset_layer_norm(fc_norm);
-  if (head) init_linear(*head);
+  init_op(norm);
+  init_op(fc_norm);
+  init_op(head);
 }
 
 torch::Tensor VisionTransformerImpl::embed(const torch::Tensor& images) {
@@ -181,7 +204,7 @@ torch::Tensor VisionTransformerImpl::embed(const torch::Tensor& images) {
 torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {
   torch::Tensor pooled;
   if (config.global_pool == "avg") {
-    pooled = fc_norm->forward(tokens.slice(1, 1).mean(1));  // mean over patches, cls excluded
+    pooled = fc_norm->forward(tokens.slice(1, num_prefix_tokens).mean(1));  // mean over patches only
   } else {
     pooled = norm->forward(tokens.select(1, 0));  // cls token after norm (norm is per token)
   }

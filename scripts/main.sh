@@ -11,7 +11,7 @@ mkdir -p "$run"
 cfg=configs/fmnist_vit_tiny.ini
 [[ -f $run/backbone.safetensors ]] || build/shardtune init --config "$cfg" --out "$run/backbone.safetensors"
 data=/usr/share/datasets/fashion-mnist
-build/shardtune_make_input "$data/t10k-images-idx3-ubyte.gz" "$data/t10k-labels-idx1-ubyte.gz" 1000 28 1 \
+build/shardtune_testkit make-input "$data/t10k-images-idx3-ubyte.gz" "$data/t10k-labels-idx1-ubyte.gz" 1000 28 1 \
   0.2860,0.3530 "$run/input.safetensors"
 build/shardtune predict --config "$cfg" --model.checkpoint "$run/backbone.safetensors" \
   --input "$run/input.safetensors" --out "$run/logits.safetensors"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end checks of the shardtune binary: init -> predict, exit codes (2 usage, 1
 # runtime) and one-line messages that name the offending key, value or file.
-# usage: test_cli.sh SHARDTUNE MAKE_INPUT WORKDIR
+# usage: test_cli.sh SHARDTUNE TESTKIT WORKDIR
 set -u
-st=$1 mk=$2 work=$3
+st=$1 kit=$2 work=$3
 rm -rf "$work" && mkdir -p "$work"
 fails=0
 
@@ -40,7 +40,7 @@ INI
 expect 0 "wrote .*init.safetensors" -- "$st" init --config "$cfg" --out "$work/init.safetensors"
 expect 0 "wrote" -- "$st" init --config "$cfg" --out "$work/init2.safetensors"
 cmp -s "$work/init.safetensors" "$work/init2.safetensors" || { echo "FAIL: init is not deterministic"; fails=$((fails+1)); }
-expect 0 "wrote 6 images" -- "$mk" /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
+expect 0 "wrote 6 images" -- "$kit" make-input /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
   /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz 6 28 1 0.286,0.353 "$work/input.safetensors"
 expect 0 "wrote logits \[6, 5\].*top-1 against the input's labels" -- \
   "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" --input "$work/input.safetensors" \
@@ -74,6 +74,29 @@ expect 1 "input.safetensors: tensor 'input' has shape \[6, 1, 28, 28\], the mode
 expect 1 "missing.safetensors: cannot open" -- \
   "$st" predict --config "$cfg" --model.checkpoint "$work/missing.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
 cmp -s "$work/logits.safetensors" "$work/logits.bak" || { echo "FAIL: a failed run changed an existing output"; fails=$((fails+1)); }
+
+# Adapters: predict --adapter, and merge -> a plain backbone that predicts the same logits.
+for method in lora ssf fact_tt; do
+  expect 0 "wrote a $method adapter" -- "$kit" make-adapter "$cfg" $method "$work/adapter_$method" 7
+  expect 0 "applied $method adapter .* wrote logits \[6, 5\]" -- "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" \
+    --input "$work/input.safetensors" --out "$work/logits_$method.safetensors" --adapter "$work/adapter_$method"
+  expect 0 "merged the $method adapter" -- "$st" merge --config "$cfg" --model.checkpoint "$work/init.safetensors" \
+    --adapter "$work/adapter_$method" --out "$work/merged_$method.safetensors"
+  expect 0 "wrote logits" -- "$st" predict --config "$cfg" --model.checkpoint "$work/merged_$method.safetensors" \
+    --input "$work/input.safetensors" --out "$work/logits_merged_$method.safetensors"
+  expect 0 "<= 1e-05" -- "$kit" compare "$work/logits_merged_$method.safetensors" "$work/logits_$method.safetensors" logits 1e-5
+  # The adapter really changes the output (so the comparison above is not vacuous).
+  expect 1 "> 1e-05" -- "$kit" compare "$work/logits_$method.safetensors" "$work/logits.safetensors" logits 1e-5
+done
+expect 0 "wrote a adapter adapter" -- "$kit" make-adapter "$cfg" adapter "$work/adapter_adapter" 7
+expect 2 "peft.method=adapter cannot be merged" -- "$st" merge --config "$cfg" --model.checkpoint "$work/init.safetensors" \
+  --adapter "$work/adapter_adapter" --out "$work/never.safetensors"
+[[ ! -e "$work/never.safetensors" ]] || { echo "FAIL: a failed merge wrote its output"; fails=$((fails+1)); }
+expect 1 "adapter_config.json: the adapter was made for another backbone: model.dim: adapter 32, model 64" -- \
+  "$st" predict --config "$cfg" --model.dim 64 --model.checkpoint "$work/init.safetensors" --input "$work/input.safetensors" \
+  --out "$work/y.safetensors" --adapter "$work/adapter_lora"
+expect 1 "nowhere/adapter_config.json: .*cannot open" -- "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" \
+  --input "$work/input.safetensors" --out "$work/y.safetensors" --adapter "$work/nowhere"
 
 echo "$fails failure(s)"
 [[ $fails -eq 0 ]]

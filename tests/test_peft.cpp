@@ -1,0 +1,384 @@
+// PEFT methods: closed-form trainable counts, identity at initialisation, structural
+// freezing, gradients against finite differences (float64), learning on a tiny problem,
+// target matching, adapter save/load, and merge/unmerge.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "models/checkpoint.h"
+#include "models/vit.h"
+#include "peft/adapter_io.h"
+#include "peft/method.h"
+#include "peft/targets.h"
+#include "tests/tiny.h"
+
+using namespace shardtune;
+
+namespace {
+
+// The counting model: dim 64, depth 4, mlp 128.
+ViTConfig count_config() {
+  ViTConfig c = tiny_config();
+  c.dim = 64;
+  c.depth = 4;
+  c.mlp_dim = 128;
+  c.num_classes = 10;
+  return c;
+}
+
+// A smaller model for finite differences: 5 tokens, 2 blocks.
+ViTConfig fd_config() {
+  ViTConfig c = tiny_config();
+  c.image_size = 14;
+  c.dim = 16;
+  c.heads = 2;
+  c.mlp_dim = 32;
+  c.num_classes = 3;
+  return c;
+}
+
+PeftConfig peft(const std::string& method) {
+  PeftConfig p;
+  p.method = method;
+  p.prompt_len = 10;
+  return p;
+}
+
+const std::vector<std::string> kAllMethods = {"lora",   "adapter", "adaptformer", "vpt_shallow", "vpt_deep",
+                                              "prefix", "bitfit",  "ln_tune",     "ssf",         "fact_tt",
+                                              "linear", "full",    "none"};
+const std::set<std::string> kPromptMethods = {"vpt_shallow", "vpt_deep", "prefix"};
+
+VisionTransformer make(const ViTConfig& c, uint64_t seed = 1) {
+  torch::manual_seed(seed);
+  VisionTransformer m(c);
+  randomize_for_test(*m);
+  return m;
+}
+
+// Moves every owned parameter away from its (often zero) initial value.
+void perturb(const PeftState& s, double std = 0.2) {
+  torch::NoGradGuard g;
+  for (const auto& [_, t] : s.trainable) t.add_(torch::randn_like(t) * std);
+}
+
+}  // namespace
+
+// --- counts ------------------------------------------------------------------------------
+
+TEST(Peft, TrainableCountsMatchClosedForms) {
+  const ViTConfig c = count_config();
+  const int64_t head = c.dim * c.num_classes + c.num_classes;
+  const int64_t backbone = c.param_count() - head;
+  const std::map<std::string, int64_t> expected = {
+      {"lora", 8192},        {"bitfit", 2432},   {"ln_tune", 1152},  {"vpt_shallow", 640},
+      {"vpt_deep", 2560},    {"adapter", 8768},  {"adaptformer", 4384}, {"prefix", 5120},
+      {"ssf", 4 * (2 * (192 + 64 + 128 + 64) + 2 * 128) + 128},  // scale+shift after 4 linears, 2 norms; final norm
+      {"fact_tt", 2 * 64 * 8 + 4 * (3 + 1 + 2 + 2) * 8 * 8},      // U, V [D, r]; C [n, r, r], n = 8 pieces a block
+      {"linear", 0},         {"full", backbone}, {"none", -head}};
+  for (const auto& [method, count] : expected) {
+    VisionTransformer m = make(c);
+    PeftState s = apply_peft(*m, peft(method));
+    EXPECT_EQ(s.trainable_count(), count + head) << method;
+    int64_t grad_params = 0;
+    for (const auto& p : m->parameters()) grad_params += p.requires_grad() ? p.numel() : 0;
+    EXPECT_EQ(grad_params, s.trainable_count()) << method;
+  }
+}
+
+TEST(Peft, LoraOnViTBaseQandV) {
+  VisionTransformer m(vit_preset("vit_base_patch16_224"));
+  PeftConfig p = peft("lora");
+  p.train_head = false;
+  EXPECT_EQ(apply_peft(*m, p).trainable_count(), 294912);
+}
+
+TEST(Peft, UnknownMethodListsKnownOnes) {
+  VisionTransformer m = make(tiny_config());
+  try {
+    apply_peft(*m, peft("loha"));
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("peft.method=loha is not a known method (known: adapter, adaptformer"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// --- structure -------------------------------------------------------------------------------
+
+TEST(Peft, OnlyOwnedParametersGetGradients) {
+  for (const auto& method : kAllMethods) {
+    VisionTransformer m = make(tiny_config());
+    PeftState s = apply_peft(*m, peft(method));
+    std::set<std::string> trainable;
+    for (const auto& [n, _] : s.trainable) trainable.insert(n);
+    if (method == "none") continue;  // nothing to differentiate
+    m->forward(torch::randn({2, 1, 28, 28})).pow(2).sum().backward();
+    for (const auto& p : m->named_parameters()) {
+      bool has_grad = p.value().grad().defined();
+      EXPECT_EQ(has_grad, trainable.count(p.key()) > 0) << method << ": " << p.key();
+    }
+  }
+}
+
+TEST(Peft, MethodsStartAsTheBaseModel) {
+  for (const ViTConfig& c : tiny_variants()) {
+    for (const auto& method : kAllMethods) {
+      if (kPromptMethods.count(method)) continue;
+      VisionTransformer m = make(c);
+      torch::Tensor x = torch::randn({2, c.in_chans, 28, 28});
+      torch::NoGradGuard g;
+      torch::Tensor before = m->forward(x);
+      apply_peft(*m, peft(method));
+      EXPECT_TRUE(torch::allclose(m->forward(x), before, 1e-6, 1e-6)) << method << " " << describe(c);
+    }
+  }
+}
+
+TEST(Peft, AdapterParameterNamesFollowHfPeft) {
+  VisionTransformer m = make(tiny_config());
+  PeftState s = apply_peft(*m, peft("lora"));
+  std::set<std::string> names;
+  for (const auto& [n, _] : s.trainable) names.insert(n);
+  EXPECT_EQ(names, (std::set<std::string>{"blocks.0.attn.qkv.lora_A_q.weight", "blocks.0.attn.qkv.lora_B_q.weight",
+                                          "blocks.0.attn.qkv.lora_A_v.weight", "blocks.0.attn.qkv.lora_B_v.weight",
+                                          "blocks.1.attn.qkv.lora_A_q.weight", "blocks.1.attn.qkv.lora_B_q.weight",
+                                          "blocks.1.attn.qkv.lora_A_v.weight", "blocks.1.attn.qkv.lora_B_v.weight",
+                                          "head.weight", "head.bias"}));
+  EXPECT_TRUE(m->named_parameters().contains("blocks.0.attn.qkv.base_layer.weight"));
+}
+
+// --- gradients against finite differences -----------------------------------------------------
+
+class PeftGradients : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(PeftGradients, MatchFiniteDifferences) {
+  const ViTConfig c = fd_config();
+  VisionTransformer m = make(c, 3);
+  PeftConfig p = peft(GetParam());
+  p.prompt_len = 2;
+  p.rank = 2;
+  p.bottleneck = 3;
+  if (GetParam() == "lora") p.targets = "attn.qkv,mlp.fc1";  // fused-part and plain LoRA in one model
+  PeftState s = apply_peft(*m, p);
+  m->to(torch::kFloat64);
+  perturb(s);
+  torch::Tensor x = torch::randn({2, 1, 14, 14}, torch::kFloat64);
+  torch::Tensor w = torch::randn({2, c.num_classes}, torch::kFloat64);
+  auto loss = [&] { return (m->forward(x) * w).sum(); };
+  loss().backward();
+  const double eps = 1e-6;
+  for (const auto& [name, t] : s.trainable) {
+    torch::Tensor flat = t.detach().view(-1);
+    torch::Tensor grad = t.grad().view(-1);
+    for (int64_t k = 0; k < 3; ++k) {
+      const int64_t i = (k * 7919) % flat.numel();
+      const double orig = flat[i].item<double>();
+      double up, down;
+      {
+        torch::NoGradGuard g;
+        flat[i] = orig + eps;
+        up = loss().item<double>();
+        flat[i] = orig - eps;
+        down = loss().item<double>();
+        flat[i] = orig;
+      }
+      const double fd = (up - down) / (2 * eps), ad = grad[i].item<double>();
+      EXPECT_NEAR(ad, fd, 1e-6 * (1 + std::abs(fd))) << GetParam() << " " << name << "[" << i << "]";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, PeftGradients,
+                         ::testing::Values("lora", "adapter", "adaptformer", "vpt_shallow", "vpt_deep", "prefix",
+                                           "bitfit", "ln_tune", "ssf", "fact_tt", "linear", "full"));
+
+// --- learning ----------------------------------------------------------------------------------
+
+TEST(Peft, AFewAdamStepsLowerTheLoss) {
+  const ViTConfig c = tiny_config();
+  torch::manual_seed(5);
+  torch::Tensor x = torch::randn({16, 1, 28, 28});
+  torch::Tensor y = torch::randint(0, c.num_classes, {16});
+  for (const auto& method : kAllMethods) {
+    if (method == "none") continue;
+    VisionTransformer m = make(c);
+    PeftConfig p = peft(method);
+    p.train_head = false;  // the method alone must learn
+    if (method == "linear") p.train_head = true;
+    PeftState s = apply_peft(*m, p);
+    std::vector<torch::Tensor> params;
+    for (const auto& [_, t] : s.trainable) params.push_back(t);
+    torch::optim::Adam opt(params, torch::optim::AdamOptions(1e-2));
+    double first = 0, last = 0;
+    for (int step = 0; step < 25; ++step) {
+      opt.zero_grad();
+      torch::Tensor loss = torch::nn::functional::cross_entropy(m->forward(x), y);
+      loss.backward();
+      opt.step();
+      (step == 0 ? first : last) = loss.item<double>();
+    }
+    EXPECT_LT(last, first * 0.9) << method << ": " << first << " -> " << last;
+  }
+}
+
+// --- target matching ------------------------------------------------------------------------------
+
+struct TargetCase {
+  const char* name;
+  std::string targets, exclude;
+  std::vector<std::string> want;
+  const char* error;  // non-empty: the message must contain it
+};
+inline void PrintTo(const TargetCase& c, std::ostream* os) { *os << c.name; }
+
+class TargetMatching : public ::testing::TestWithParam<TargetCase> {};
+
+TEST_P(TargetMatching, Table) {
+  const std::vector<std::string> modules = {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1",
+                                            "blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1"};
+  const auto& c = GetParam();
+  if (*c.error) {
+    try {
+      match_targets(modules, c.targets, c.exclude);
+      FAIL() << "accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(c.error), std::string::npos) << e.what();
+    }
+  } else {
+    EXPECT_EQ(match_targets(modules, c.targets, c.exclude), c.want);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, TargetMatching,
+    ::testing::Values(
+        TargetCase{"exact", "blocks.1.attn.qkv", "", {"blocks.1.attn.qkv"}, ""},
+        TargetCase{"suffix", "attn.qkv", "", {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}, ""},
+        TargetCase{"list", "qkv, fc1", "", {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"}, ""},
+        TargetCase{"regex", "re:blocks\\.1\\..*(qkv|proj)", "", {"blocks.1.attn.qkv", "blocks.1.attn.proj"}, ""},
+        TargetCase{"exclude", "attn.qkv,attn.proj", "blocks.0.attn.qkv", {"blocks.0.attn.proj", "blocks.1.attn.qkv", "blocks.1.attn.proj"}, ""},
+        TargetCase{"exclude_regex", "re:.*", "re:blocks\\.0\\..*", {"blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1"}, ""},
+        TargetCase{"not_mid_word", "kv", "", {}, "peft.targets: pattern 'kv' matches no module"},
+        TargetCase{"no_match", "attn.qkv,mlp.fc3", "", {}, "peft.targets: pattern 'mlp.fc3' matches no module"},
+        TargetCase{"regex_no_match", "re:head", "", {}, "peft.targets: regex 're:head' matches no module"},
+        TargetCase{"bad_regex", "re:(qkv", "", {}, "is not a valid regex"},
+        TargetCase{"exclude_no_match", "qkv", "fc9", {}, "peft.exclude: pattern 'fc9' matches no module"}),
+    [](const ::testing::TestParamInfo<TargetCase>& info) { return std::string(info.param.name); });
+
+TEST(Peft, LoraTargetThatMatchesNothingIsAnError) {
+  VisionTransformer m = make(tiny_config());
+  PeftConfig p = peft("lora");
+  p.targets = "attn.qvk";
+  EXPECT_THROW(apply_peft(*m, p), std::invalid_argument);
+  p.targets = "";
+  p.qkv_parts = "q,x";
+  EXPECT_THROW(apply_peft(*m, p), std::invalid_argument);
+}
+
+// --- adapter files ---------------------------------------------------------------------------------
+
+TEST(Peft, SaveLoadRoundTrip) {
+  const ViTConfig c = tiny_config();
+  const std::string dir = ::testing::TempDir() + "adapter_rt_" + std::to_string(::getpid());
+  torch::Tensor x = torch::randn({2, 1, 28, 28});
+  for (const auto& method : kAllMethods) {
+    VisionTransformer a = make(c);
+    PeftConfig p = peft(method);
+    PeftState sa = apply_peft(*a, p);
+    perturb(sa);
+    save_adapter(dir + method, sa, p, c);
+
+    VisionTransformer b = make(c);  // same backbone seed
+    AdapterConfig read = read_adapter_config(dir + method);
+    check_adapter_fits(read, c, dir + method);
+    EXPECT_EQ(read.peft.method, method);
+    PeftState sb = apply_peft(*b, read.peft);
+    load_adapter_weights(dir + method, sb);
+    torch::NoGradGuard g;
+    EXPECT_TRUE(torch::equal(a->forward(x), b->forward(x))) << method;
+  }
+}
+
+TEST(Peft, AdapterThatDoesNotFitIsRejectedWithTheKeys) {
+  const ViTConfig c = tiny_config();
+  const std::string dir = ::testing::TempDir() + "adapter_bad_" + std::to_string(::getpid());
+  VisionTransformer a = make(c);
+  PeftConfig p = peft("lora");
+  save_adapter(dir, apply_peft(*a, p), p, c);
+
+  ViTConfig other = c;
+  other.dim = 64;
+  other.depth = 3;
+  try {
+    check_adapter_fits(read_adapter_config(dir), other, dir);
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.dim: adapter 32, model 64; model.depth: adapter 2, model 3"),
+              std::string::npos)
+        << e.what();
+  }
+  VisionTransformer b = make(c);
+  PeftConfig q = p;
+  q.rank = 4;
+  q.qkv_parts = "q";
+  PeftState sb = apply_peft(*b, q);
+  try {
+    load_adapter_weights(dir, sb);
+    FAIL();
+  } catch (const CheckpointError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("shape mismatch for base_model.model.blocks.0.attn.qkv.lora_A_q.weight: expected [4, 32], found [8, 32]"),
+              std::string::npos) << msg;
+    EXPECT_NE(msg.find("unexpected key base_model.model.blocks.1.attn.qkv.lora_B_v.weight"), std::string::npos) << msg;
+  }
+}
+
+// --- merging ---------------------------------------------------------------------------------------
+
+TEST(Peft, MergeUnmergeRoundTrip) {
+  for (const ViTConfig& base : {tiny_config(), tiny_variants()[1]}) {
+    for (const std::string method : {"lora", "ssf", "fact_tt"}) {
+      VisionTransformer m = make(base);
+      PeftConfig p = peft(method);
+      if (method == "lora") p.targets = "attn.qkv,attn.proj,mlp.fc1,mlp.fc2";
+      PeftState s = apply_peft(*m, p);
+      perturb(s);
+      torch::Tensor x = torch::randn({2, 1, 28, 28});
+      torch::NoGradGuard g;
+      torch::Tensor expected = m->forward(x);
+      std::map<std::string, torch::Tensor> weights_before;
+      for (const auto& [k, v] : backbone_state(*m, s)) weights_before[k] = v.clone();
+
+      merge_peft(*m, method);
+      EXPECT_TRUE(torch::allclose(m->forward(x), expected, 1e-5, 1e-5)) << method;
+
+      // The merged backbone is a plain timm model that predicts the same logits.
+      std::string path = ::testing::TempDir() + "merged_" + method + std::to_string(::getpid()) + ".safetensors";
+      save_tensors(path, backbone_state(*m, s));
+      VisionTransformer plain(base);
+      load_state(*plain, CheckpointReader(path));
+      EXPECT_TRUE(torch::allclose(plain->forward(x), expected, 1e-5, 1e-5)) << method;
+
+      unmerge_peft(*m);
+      for (const auto& [k, v] : backbone_state(*m, s))
+        EXPECT_TRUE(torch::allclose(v, weights_before[k], 1e-5, 1e-5)) << method << " " << k;
+      EXPECT_TRUE(torch::allclose(m->forward(x), expected, 1e-5, 1e-5)) << method;
+    }
+  }
+}
+
+TEST(Peft, NonMergeableMethodsSaySo) {
+  VisionTransformer m = make(tiny_config());
+  apply_peft(*m, peft("adapter"));
+  try {
+    merge_peft(*m, "adapter");
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("peft.method=adapter cannot be merged"), std::string::npos);
+  }
+}
