@@ -141,6 +141,16 @@ int cmd_merge(const po::variables_map& vm) {
   return 0;
 }
 
+// One line, through the rank-aware logger once it exists; returns the exit code.
+int fail(const char* command, const std::string& what, int code) {
+  if (spdlog::get("shardtune")) {
+    spdlog::error("shardtune {}: {}", command, what);
+  } else {
+    std::cerr << "shardtune " << command << ": error: " << what << "\n";
+  }
+  return code;
+}
+
 struct Command {
   const char* name;
   int (*run)(const po::variables_map&);
@@ -206,16 +216,12 @@ int main(int argc, char** argv) {
     configure_runtime();
     return cmd->run(vm);
   } catch (const UsageError& e) {
-    std::cerr << "shardtune " << cmd->name << ": error: " << e.what() << "\n";
-    return 2;
+    return fail(cmd->name, e.what(), 2);
   } catch (const std::invalid_argument& e) {
-    std::cerr << "shardtune " << cmd->name << ": error: " << e.what() << "\n";
-    return 2;
+    return fail(cmd->name, e.what(), 2);
   } catch (const c10::Error& e) {
-    std::cerr << "shardtune " << cmd->name << ": error: " << e.what_without_backtrace() << "\n";
-    return 1;
+    return fail(cmd->name, e.what_without_backtrace(), 1);
   } catch (const std::exception& e) {
-    std::cerr << "shardtune " << cmd->name << ": error: " << e.what() << "\n";
-    return 1;
+    return fail(cmd->name, e.what(), 1);
   }
 }
