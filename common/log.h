@@ -14,6 +14,7 @@ struct LaunchEnv {
   int rank = 0;
   int world_size = 1;
   int local_rank = 0;
+  int local_size = 1;  // ranks on this node
 };
 LaunchEnv launch_env_from_environment();
 

@@ -39,7 +39,39 @@ po::options_description config_key_options() {
     ("peft.prompt_len", po::value<int64_t>(), "VPT / prefix tokens (default 10)")
     ("peft.scale", po::value<double>(), "adaptformer output scale (0.1) / FacT scale (1)")
     ("peft.train_head", po::value<bool>(), "train the classifier head (default true)")
-    ("train.seed", po::value<uint64_t>(), "seed for initialisation");
+    ("model.load_head", po::value<bool>(), "load the checkpoint's head (false: a new task's head, freshly initialised)")
+    ("data.dataset", po::value<std::string>(), "fashion_mnist | synthetic")
+    ("data.root", po::value<std::string>(), "folder of the IDX files (default /usr/share/datasets/fashion-mnist)")
+    ("data.classes", po::value<std::string>(), "class subset, renumbered: '5-9', '0,2,4' (default all)")
+    ("data.train_samples", po::value<int64_t>(), "training images (0: all of the classes')")
+    ("data.val_samples", po::value<int64_t>(), "validation images held out of the training file")
+    ("data.eval_samples", po::value<int64_t>(), "test images to evaluate (0: all)")
+    ("data.batch_size", po::value<int64_t>(), "global batch size")
+    ("data.seed", po::value<uint64_t>(), "seed of the split and the batch order")
+    ("data.mean", po::value<double>(), "normalisation mean")
+    ("data.std", po::value<double>(), "normalisation std")
+    ("train.seed", po::value<uint64_t>(), "seed for initialisation")
+    ("train.steps", po::value<int64_t>(), "optimizer steps")
+    ("train.epochs", po::value<int64_t>(), "epochs (overrides steps when > 0)")
+    ("train.lr", po::value<double>(), "peak learning rate")
+    ("train.weight_decay", po::value<double>(), "AdamW weight decay")
+    ("train.beta1", po::value<double>(), "AdamW beta1")
+    ("train.beta2", po::value<double>(), "AdamW beta2")
+    ("train.warmup_steps", po::value<int64_t>(), "linear warm-up steps before the cosine decay")
+    ("train.grad_clip", po::value<double>(), "clip the global gradient norm (0: off)")
+    ("train.label_smoothing", po::value<double>(), "cross-entropy label smoothing")
+    ("train.precision", po::value<std::string>(), "fp32 (bf16 not yet)")
+    ("train.eval_every", po::value<int64_t>(), "evaluate every N steps (0: at the end only)")
+    ("train.log_every", po::value<int64_t>(), "log every N steps")
+    ("train.exit_interval", po::value<int64_t>(), "stop after N steps of this run, with a checkpoint")
+    ("output.dir", po::value<std::string>(), "output folder")
+    ("output.checkpoint_every", po::value<int64_t>(), "checkpoint every N steps (0: only when stopping early)")
+    ("output.keep", po::value<int64_t>(), "newest checkpoints kept")
+    ("output.resume", po::value<std::string>(), "auto | never | a checkpoints/step_N folder")
+    ("parallel.tp", po::value<int>(), "tensor-parallel degree")
+    ("parallel.pp", po::value<int>(), "pipeline stages")
+    ("parallel.microbatches", po::value<int64_t>(), "micro-batches per step")
+    ("parallel.bucket_mb", po::value<double>(), "gradient-sync bucket size, MB");
   // clang-format on
   return d;
 }
@@ -112,12 +144,67 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (has("peft.dropout")) rc.peft.dropout = vm["peft.dropout"].as<double>();
   if (has("peft.scale")) rc.peft.scale = vm["peft.scale"].as<double>();
   if (has("peft.train_head")) rc.peft.train_head = vm["peft.train_head"].as<bool>();
+  if (has("model.load_head")) rc.load_head = vm["model.load_head"].as<bool>();
+  auto set_d = [&](const char* k, double& field) {
+    if (has(k)) field = vm[k].as<double>();
+  };
+  str("data.dataset", rc.data.dataset);
+  str("data.root", rc.data.root);
+  str("data.classes", rc.data.classes);
+  set_i("data.train_samples", rc.data.train_samples);
+  set_i("data.val_samples", rc.data.val_samples);
+  set_i("data.eval_samples", rc.data.eval_samples);
+  set_i("data.batch_size", rc.data.batch_size);
+  if (has("data.seed")) rc.data.seed = vm["data.seed"].as<uint64_t>();
+  set_d("data.mean", rc.data.mean);
+  set_d("data.std", rc.data.std);
+  set_i("train.steps", rc.train.steps);
+  set_i("train.epochs", rc.train.epochs);
+  set_d("train.lr", rc.train.lr);
+  set_d("train.weight_decay", rc.train.weight_decay);
+  set_d("train.beta1", rc.train.beta1);
+  set_d("train.beta2", rc.train.beta2);
+  set_i("train.warmup_steps", rc.train.warmup_steps);
+  set_d("train.grad_clip", rc.train.grad_clip);
+  set_d("train.label_smoothing", rc.train.label_smoothing);
+  str("train.precision", rc.train.precision);
+  set_i("train.eval_every", rc.train.eval_every);
+  set_i("train.log_every", rc.train.log_every);
+  set_i("train.exit_interval", rc.train.exit_interval);
+  str("output.dir", rc.output.dir);
+  set_i("output.checkpoint_every", rc.output.checkpoint_every);
+  set_i("output.keep", rc.output.keep);
+  str("output.resume", rc.output.resume);
+  if (has("parallel.tp")) rc.parallel.tp = vm["parallel.tp"].as<int>();
+  if (has("parallel.pp")) rc.parallel.pp = vm["parallel.pp"].as<int>();
+  set_i("parallel.microbatches", rc.parallel.microbatches);
+  set_d("parallel.bucket_mb", rc.parallel.bucket_mb);
+  rc.train.seed = rc.seed;
+  if (rc.train.steps <= 0 && rc.train.epochs <= 0)
+    throw UsageError("train.steps=" + std::to_string(rc.train.steps) + " must be positive (or set train.epochs)");
+  if (rc.train.lr <= 0) throw UsageError("train.lr=" + std::to_string(rc.train.lr) + " must be positive");
+  if (rc.train.precision != "fp32" && rc.train.precision != "bf16")
+    throw UsageError("train.precision=" + rc.train.precision + " must be fp32 or bf16");
+  if (rc.output.resume.empty()) throw UsageError("output.resume is empty (auto, never or a checkpoint folder)");
   try {
     rc.model.validate();
   } catch (const std::invalid_argument& e) {
     throw UsageError(e.what());
   }
   return rc;
+}
+
+RunSpec RunConfig::spec() const {
+  RunSpec s;
+  s.model = model;
+  s.checkpoint = checkpoint;
+  s.load_head = load_head;
+  s.peft = peft;
+  s.data = data;
+  s.train = train;
+  s.output = output;
+  s.bucket_mb = parallel.bucket_mb;
+  return s;
 }
 
 std::string to_ini(const RunConfig& c) {

@@ -13,6 +13,7 @@
 
 #include "models/vit_config.h"
 #include "peft/peft_config.h"
+#include "trainer/trainer.h"
 
 namespace shardtune {
 
@@ -21,11 +22,24 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+struct ParallelConfig {
+  int tp = 1, pp = 1;          // dp = world / (tp * pp)
+  int64_t microbatches = 1;
+  double bucket_mb = 25.0;     // gradient-sync bucket size
+};
+
 struct RunConfig {
   ViTConfig model;
   std::string checkpoint;  // model.checkpoint: safetensors file, index.json or directory
-  uint64_t seed = 0;       // train.seed: initialisation and data order
+  bool load_head = true;   // model.load_head: false = the checkpoint's head is not loaded
+  uint64_t seed = 0;       // train.seed: initialisation of the backbone and PEFT
   PeftConfig peft;
+  DataConfig data;
+  TrainConfig train;
+  OutputConfig output;
+  ParallelConfig parallel;
+
+  RunSpec spec() const;  // what the trainer needs
 };
 
 // Every config key, as options named "section.key".

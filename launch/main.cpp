@@ -12,12 +12,14 @@
 
 #include "common/log.h"
 #include "common/runtime.h"
+#include "distributed/mesh.h"
 #include "io/json.h"
 #include "launch/config.h"
 #include "models/checkpoint.h"
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
+#include "trainer/trainer.h"
 
 using namespace shardtune;
 namespace po = boost::program_options;
@@ -31,6 +33,8 @@ constexpr const char* kUsage =
     "  init     --config F --out FILE.safetensors       a randomly initialised backbone (timm names)\n"
     "  predict  --config F --input X --out Y [--adapter DIR]   logits for a batch of images\n"
     "  merge    --config F --adapter DIR --out FILE      fold a lora/ssf/fact_tt adapter into the backbone\n"
+    "  train    --config F                               fine-tune (under mpirun/srun or alone)\n"
+    "  eval     --config F --adapter DIR                 top-1 of backbone + adapter on the test split\n"
     "\n"
     "Every command takes --config FILE (INI), --section.key VALUE overrides, --log-level, --help.\n"
     "'shardtune <command> --help' lists its options and every config key.\n";
@@ -141,6 +145,41 @@ int cmd_merge(const po::variables_map& vm) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------
+// train / eval: every rank validates the mesh before any collective, then builds it.
+Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
+  MeshRequirements req;
+  req.heads = rc.model.heads;
+  req.depth = rc.model.depth;
+  req.global_batch = rc.data.batch_size;
+  req.microbatches = rc.parallel.microbatches;
+  ParallelDims dims;
+  try {
+    dims = ParallelDims::make(mpi.world_size(), rc.parallel.tp, rc.parallel.pp, req);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(e.what());
+  }
+  return make_mesh(dims);
+}
+
+MpiRuntime* g_mpi = nullptr;  // set by main for the commands that run under MPI
+
+int cmd_train(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  Mesh mesh = mesh_for(rc, *g_mpi);
+  install_stop_signal_handlers();
+  train(rc.spec(), mesh);
+  return 0;
+}
+
+int cmd_eval(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  const std::string adapter = required(vm, "adapter");
+  Mesh mesh = mesh_for(rc, *g_mpi);
+  evaluate_adapter(rc.spec(), adapter, mesh);
+  return 0;
+}
+
 // One line, through the rank-aware logger once it exists; returns the exit code.
 int fail(const char* command, const std::string& what, int code) {
   if (spdlog::get("shardtune")) {
@@ -155,7 +194,16 @@ struct Command {
   const char* name;
   int (*run)(const po::variables_map&);
   po::options_description (*options)();
+  bool uses_mpi;
 };
+
+po::options_description train_options() { return po::options_description("train options"); }
+
+po::options_description eval_options() {
+  po::options_description d("eval options");
+  d.add_options()("adapter", po::value<std::string>(), "adapter directory");
+  return d;
+}
 
 po::options_description init_options() {
   po::options_description d("init options");
@@ -180,9 +228,11 @@ po::options_description merge_options() {
 }
 
 const Command kCommands[] = {
-    {"init", cmd_init, init_options},
-    {"predict", cmd_predict, predict_options},
-    {"merge", cmd_merge, merge_options},
+    {"init", cmd_init, init_options, false},
+    {"predict", cmd_predict, predict_options, false},
+    {"merge", cmd_merge, merge_options, false},
+    {"train", cmd_train, train_options, true},
+    {"eval", cmd_eval, eval_options, true},
 };
 
 }  // namespace
@@ -203,6 +253,9 @@ int main(int argc, char** argv) {
   }
   args.erase(args.begin());
 
+  std::unique_ptr<MpiRuntime> mpi;
+  int code = 0;
+  std::string message;
   try {
     po::options_description options = common_options();
     options.add(cmd->options());
@@ -212,16 +265,24 @@ int main(int argc, char** argv) {
       std::cout << "usage: shardtune " << cmd->name << " [options]\n\n" << options << "\n" << config_key_options();
       return 0;
     }
-    init_logging(env.rank, vm["log-level"].as<std::string>());
-    configure_runtime();
+    if (cmd->uses_mpi) {
+      mpi = std::make_unique<MpiRuntime>(&argc, &argv);
+      g_mpi = mpi.get();
+    }
+    init_logging(mpi ? mpi->rank() : env.rank, vm["log-level"].as<std::string>());
+    configure_runtime(env.local_size);
     return cmd->run(vm);
   } catch (const UsageError& e) {
-    return fail(cmd->name, e.what(), 2);
+    code = 2, message = e.what();
   } catch (const std::invalid_argument& e) {
-    return fail(cmd->name, e.what(), 2);
+    code = 2, message = e.what();
   } catch (const c10::Error& e) {
-    return fail(cmd->name, e.what_without_backtrace(), 1);
+    code = 1, message = e.what_without_backtrace();
   } catch (const std::exception& e) {
-    return fail(cmd->name, e.what(), 1);
+    code = 1, message = e.what();
   }
+  fail(cmd->name, message, code);
+  // Under MPI the other ranks may be waiting in a collective for this one: end the job.
+  if (mpi && mpi->world_size() > 1) MpiRuntime::abort_job(code);
+  return code;
 }

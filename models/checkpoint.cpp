@@ -249,30 +249,32 @@ std::vector<std::pair<std::string, torch::Tensor>> state_of(const torch::nn::Mod
   return out;
 }
 
+void check_fits(const std::vector<std::pair<std::string, torch::Tensor>>& expected, const CheckpointReader& reader,
+                const std::string& key_prefix, const std::string& ignore_prefix) {
+  std::vector<std::string> problems;
+  std::set<std::string> names;
+  for (const auto& [name, t] : expected) {
+    const std::string key = key_prefix + name;
+    names.insert(key);
+    if (!reader.contains(key)) {
+      problems.push_back("missing key " + key + " (expected shape " + shape_str(t.sizes().vec()) + ")");
+    } else if (reader.shape(key) != t.sizes().vec()) {
+      problems.push_back("shape mismatch for " + key + ": expected " + shape_str(t.sizes().vec()) + ", found " +
+                         shape_str(reader.shape(key)));
+    }
+  }
+  for (const auto& key : reader.names())
+    if (!names.count(key) && (ignore_prefix.empty() || key.rfind(ignore_prefix, 0) != 0)) problems.push_back("unexpected key " + key + " (shape " + shape_str(reader.shape(key)) + ")");
+  if (problems.empty()) return;
+  std::string msg = reader.path() + " does not fit the model: " + std::to_string(problems.size()) + " problem" +
+                    (problems.size() > 1 ? "s" : "") + ": ";
+  for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
+  throw CheckpointError(msg);
+}
+
 void load_state(torch::nn::Module& module, const CheckpointReader& reader) {
   auto state = state_of(module);
-  std::vector<std::string> problems;
-  std::set<std::string> expected;
-  for (const auto& [name, t] : state) {
-    expected.insert(name);
-    if (!reader.contains(name)) {
-      problems.push_back("missing key " + name + " (expected shape " + shape_str(t.sizes().vec()) + ")");
-      continue;
-    }
-    auto found = reader.shape(name);
-    if (found != t.sizes().vec())
-      problems.push_back("shape mismatch for " + name + ": expected " + shape_str(t.sizes().vec()) + ", found " +
-                         shape_str(found));
-  }
-  for (const auto& name : reader.names())
-    if (!expected.count(name))
-      problems.push_back("unexpected key " + name + " (shape " + shape_str(reader.shape(name)) + ")");
-  if (!problems.empty()) {
-    std::string msg = reader.path() + " does not fit the model: " + std::to_string(problems.size()) + " problem" +
-                      (problems.size() > 1 ? "s" : "") + ": ";
-    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
-    throw CheckpointError(msg);
-  }
+  check_fits(state, reader);  // nothing is modified unless everything fits
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : state) t.copy_(reader.read(name, t.scalar_type()));
 }

@@ -65,6 +65,13 @@ torch::Tensor tensor_from_safetensors(const safetensors::File& file, const safet
 // that lists each key with its expected and found shapes. Nothing is modified on error.
 void load_state(torch::nn::Module& module, const CheckpointReader& reader);
 
+// Compares the tensors a model expects (name -> shape) with what `reader` holds under
+// `key_prefix` + name: one line per missing key, shape mismatch and unexpected key (keys
+// starting with `ignore_prefix` are never unexpected). Throws one CheckpointError listing
+// them all ("PATH does not fit the model: N problems: ...").
+void check_fits(const std::vector<std::pair<std::string, torch::Tensor>>& expected, const CheckpointReader& reader,
+                const std::string& key_prefix = "", const std::string& ignore_prefix = "");
+
 // Writes named tensors (converted to contiguous CPU, dtype kept) as one safetensors file,
 // atomically.
 void save_tensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,

@@ -1,7 +1,6 @@
 #include "peft/adapter_io.h"
 
 #include <filesystem>
-#include <set>
 #include <stdexcept>
 
 #include "io/atomic_file.h"
@@ -96,29 +95,10 @@ void check_adapter_fits(const AdapterConfig& adapter, const ViTConfig& model, co
 }
 
 void load_adapter_weights(const std::string& dir, const PeftState& state) {
-  const std::string path = dir + "/adapter_model.safetensors";
-  CheckpointReader reader(path);
-  std::vector<std::string> problems;
-  std::set<std::string> expected;
-  for (const auto& [name, t] : state.trainable) {
-    const std::string key = kAdapterKeyPrefix + name;
-    expected.insert(key);
-    if (!reader.contains(key)) {
-      problems.push_back("missing key " + key + " (expected shape " + shape_str(t.sizes().vec()) + ")");
-    } else if (reader.shape(key) != t.sizes().vec()) {
-      problems.push_back("shape mismatch for " + key + ": expected " + shape_str(t.sizes().vec()) + ", found " +
-                         shape_str(reader.shape(key)));
-    }
-  }
-  for (const auto& key : reader.names())
-    if (!expected.count(key)) problems.push_back("unexpected key " + key + " (shape " + shape_str(reader.shape(key)) + ")");
-  if (!problems.empty()) {
-    std::string msg = path + " does not fit the model: ";
-    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
-    throw CheckpointError(msg);
-  }
+  CheckpointReader reader(dir + "/adapter_model.safetensors");
+  check_fits(state.trainable, reader, kAdapterKeyPrefix);
   torch::NoGradGuard no_grad;
-  for (const auto& [name, t] : state.trainable) const_cast<torch::Tensor&>(t).copy_(reader.read(kAdapterKeyPrefix + name, t.scalar_type()));
+  for (auto [name, t] : state.trainable) t.copy_(reader.read(kAdapterKeyPrefix + name, t.scalar_type()));
 }
 
 }  // namespace shardtune

@@ -86,6 +86,15 @@ int64_t out_features(Op& op);
 // torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)).
 void kaiming_uniform_linear_(torch::Tensor w);
 
+// A bottleneck pair registered on `owner`: down [width, dim] (torch.nn.Linear init, zero
+// bias) and up [dim, width] = 0 with zero bias, so the branch starts as exact zero.
+struct Bottleneck {
+  std::shared_ptr<DenseLinear> down, up;
+  ParamList params() const { return {down->weight, down->bias, up->weight, up->bias}; }
+};
+Bottleneck make_bottleneck(torch::nn::Module& owner, const std::string& down_name, const std::string& up_name,
+                           int64_t dim, int64_t width);
+
 // Registrations, one per method folder (called once by MethodRegistry::instance()).
 void register_lora(MethodRegistry& r);
 void register_adapter(MethodRegistry& r);

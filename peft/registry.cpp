@@ -134,6 +134,19 @@ int64_t out_features(Op& op) {
   throw std::logic_error("PEFT can only wrap a plain Linear or LayerNorm");
 }
 
+Bottleneck make_bottleneck(torch::nn::Module& owner, const std::string& down_name, const std::string& up_name,
+                           int64_t dim, int64_t width) {
+  if (width <= 0) throw std::invalid_argument("peft.bottleneck=" + std::to_string(width) + " must be positive");
+  Bottleneck b{owner.register_module(down_name, std::make_shared<DenseLinear>(dim, width, true)),
+               owner.register_module(up_name, std::make_shared<DenseLinear>(width, dim, true))};
+  kaiming_uniform_linear_(b.down->weight);
+  torch::NoGradGuard g;
+  b.down->bias.zero_();
+  b.up->weight.zero_();
+  b.up->bias.zero_();
+  return b;
+}
+
 void kaiming_uniform_linear_(torch::Tensor w) {
   torch::NoGradGuard no_grad;
   double bound = 1.0 / std::sqrt(static_cast<double>(w.size(1)));

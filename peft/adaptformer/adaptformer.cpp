@@ -11,30 +11,22 @@ namespace {
 
 struct ParallelAdapter : Op {
   ParallelAdapter(int64_t dim, int64_t bottleneck, double s) : scale(s) {
-    down = register_module("down", std::make_shared<DenseLinear>(dim, bottleneck, true));
-    up = register_module("up", std::make_shared<DenseLinear>(bottleneck, dim, true));
-    kaiming_uniform_linear_(down->weight);
-    torch::NoGradGuard g;
-    down->bias.zero_();
-    up->weight.zero_();
-    up->bias.zero_();
+    b = make_bottleneck(*this, "down", "up", dim, bottleneck);
   }
-  torch::Tensor forward(const torch::Tensor& h) override { return up->forward(torch::relu(down->forward(h))) * scale; }
+  torch::Tensor forward(const torch::Tensor& h) override { return b.up->forward(torch::relu(b.down->forward(h))) * scale; }
   double scale;
-  std::shared_ptr<DenseLinear> down, up;
+  Bottleneck b;
 };
 
 struct AdaptFormer : Method {
   ParamList inject(VisionTransformerImpl& model, const PeftConfig& cfg) const override {
-    if (cfg.bottleneck <= 0)
-      throw std::invalid_argument("peft.bottleneck=" + std::to_string(cfg.bottleneck) + " must be positive");
     if (!cfg.targets.empty()) throw std::invalid_argument("peft.targets is not used by peft.method=adaptformer");
     ParamList owned;
     for (size_t i = 0; i < model.blocks->size(); ++i) {
       auto block = model.block(i);
       auto a = std::make_shared<ParallelAdapter>(model.config.dim, cfg.bottleneck, cfg.scale_or(0.1));
       block->mlp_side = block->register_module("adaptmlp", a);
-      for (auto& p : {a->down->weight, a->down->bias, a->up->weight, a->up->bias}) owned.push_back(p);
+      for (auto& p : a->b.params()) owned.push_back(p);
     }
     return owned;
   }

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# `shardtune train` end to end on Fashion-MNIST with a tiny ViT: outputs and their fields,
+# bit-for-bit resume after train.exit_interval, dp=2 under mpiexec equal to one process,
+# eval, SIGTERM, and failing fast on bad meshes. usage: test_train.sh SHARDTUNE TESTKIT MPIEXEC WORKDIR
+set -u
+st=$1 kit=$2 mpiexec=$3 work=$4
+rm -rf "$work" && mkdir -p "$work"
+fails=0
+pass() { echo "ok: $*"; }
+failed() { echo "FAIL: $*"; fails=$((fails + 1)); }
+
+expect() {  # CODE REGEX -- command...
+  local code=$1 regex=$2; shift 3
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  if [[ $rc -ne $code ]] || ! tr '\n' ' ' <<<"$out" | grep -Eq -- "$regex"; then
+    failed "$* -> exit $rc (want $code)"; echo "$out" | tail -15 | sed 's/^/    /'; echo "    (wanted /$regex/)"
+  else
+    pass "$*"
+  fi
+}
+
+cfg=$work/tiny.ini
+cat >"$cfg" <<INI
+[model]
+arch = vit
+image_size = 28
+patch_size = 7
+in_chans = 1
+dim = 32
+depth = 2
+heads = 4
+mlp_dim = 64
+num_classes = 5
+[peft]
+method = lora
+[data]
+classes = 0-4
+train_samples = 256
+val_samples = 64
+eval_samples = 200
+batch_size = 16
+[train]
+steps = 6
+lr = 0.01
+warmup_steps = 2
+seed = 4
+INI
+mpi=("$mpiexec" --oversubscribe -n 2)
+
+expect 0 "done: eval top-1" -- "$st" train --config "$cfg" --output.dir "$work/a"
+for f in adapter/adapter_model.safetensors adapter/adapter_config.json metrics.jsonl summary.json; do
+  [[ -s "$work/a/$f" ]] && pass "a/$f exists" || failed "a/$f missing"
+done
+for key in eval_top1 trainable_params total_params step_time_s images_per_sec peak_rss_mb grad_sync_bytes_per_step mesh precision; do
+  grep -q "\"$key\"" "$work/a/summary.json" && pass "summary has $key" || failed "summary lacks $key"
+done
+grep -q '"grad_sync_bytes_per_step": 0' "$work/a/summary.json" && pass "dp=1 syncs 0 bytes" || failed "dp=1 grad sync bytes"
+# lora q,v r=8 on 2 blocks of dim 32: 2 x 2 x (8x32 + 32x8) = 2048, + head 5x32+5 = 165
+grep -q '"trainable_params": 2213' "$work/a/summary.json" && pass "trainable params" || failed "trainable_params != 2213"
+[[ $(grep -c '"loss"' "$work/a/metrics.jsonl") -eq 6 ]] && pass "6 step lines" || failed "metrics.jsonl step lines"
+
+# Stopped by exit_interval at step 3, resumed: bit-for-bit the uninterrupted adapter.
+expect 0 "stopping at step 3" -- "$st" train --config "$cfg" --output.dir "$work/b" --train.exit_interval 3
+[[ -f "$work/b/checkpoints/step_3/trainer_state.json" ]] && pass "checkpoint step_3" || failed "no checkpoint step_3"
+expect 0 "resumed from .*step_3 at step 3.*done" -- "$st" train --config "$cfg" --output.dir "$work/b"
+cmp -s "$work/a/adapter/adapter_model.safetensors" "$work/b/adapter/adapter_model.safetensors" \
+  && pass "resumed adapter is bit-for-bit the uninterrupted one" || failed "resumed adapter differs"
+
+# dp=2: the same samples, the same adapter (up to float reassociation).
+expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/c"
+expect 0 "<= 0.001" -- "$kit" compare "$work/c/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
+grep -q '"grad_sync_bytes_per_step": 8852' "$work/c/summary.json" && pass "dp=2 syncs 4 x 2213 bytes" || failed "dp=2 grad sync bytes"
+grep -q '"dp": 2' "$work/c/summary.json" && pass "mesh dp=2" || failed "mesh dp"
+# A checkpoint made on dp=2 resumes on one process.
+expect 0 "stopping at step 2" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/d" --train.exit_interval 2
+expect 0 "resumed from .*step_2" -- "$st" train --config "$cfg" --output.dir "$work/d"
+expect 0 "<= 0.001" -- "$kit" compare "$work/d/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
+
+# eval of the saved adapter reproduces the run's top-1.
+expect 0 "eval top-1" -- "$st" eval --config "$cfg" --adapter "$work/a/adapter" --output.dir "$work/e"
+run_top1=$(grep -o '"eval_top1": [0-9.e-]*' "$work/a/summary.json" | head -1 | awk '{print $2}')
+eval_top1=$(grep -o '"eval_top1": [0-9.e-]*' "$work/e/eval.json" | awk '{print $2}')
+[[ -n "$run_top1" && "$run_top1" == "$eval_top1" ]] && pass "eval top-1 $eval_top1 = run's" || failed "eval $eval_top1 vs run $run_top1"
+
+# SIGTERM: finish the step, checkpoint, exit 0.
+"$st" train --config "$cfg" --output.dir "$work/f" --train.steps 100000 --data.batch_size 64 >"$work/f.log" 2>&1 &
+pid=$!
+for _ in $(seq 50); do grep -q "train: vit" "$work/f.log" 2>/dev/null && break; sleep 0.2; done
+sleep 1; kill -TERM $pid; wait $pid; rc=$?
+[[ $rc -eq 0 ]] && grep -q "stopping at step .* (signal)" "$work/f.log" && ls "$work/f/checkpoints" | grep -q step_ \
+  && pass "SIGTERM: checkpoint and exit 0" || { failed "SIGTERM (exit $rc)"; tail -5 "$work/f.log"; }
+
+# Failing fast: one line naming the key, non-zero exit, every rank ends.
+expect 2 "parallel.tp=3 x parallel.pp=1 = 3 does not divide the world size 2" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 3
+expect 2 "data.batch_size=15 is not divisible by dp=2" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --data.batch_size 15
+expect 2 "data.classes=0-4 has 5 classes" -- "$st" train --config "$cfg" --output.dir "$work/g" --model.num_classes 7
+expect 1 "nowhere/train-images-idx3-ubyte.gz: cannot open" -- "$st" train --config "$cfg" --output.dir "$work/g" --data.root "$work/nowhere"
+expect 1 "the loss is .* at step 1" -- "$st" train --config "$cfg" --output.dir "$work/h" --data.std 1e-38 --data.mean 1e38
+expect 2 "peft.targets: pattern 'attn.qvk' matches no module" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.targets attn.qvk
+
+echo "$fails failure(s)"
+[[ $fails -eq 0 ]]

@@ -1,0 +1,403 @@
+#include "trainer/trainer.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+
+#include "common/log.h"
+#include "distributed/grad_sync.h"
+#include "io/atomic_file.h"
+#include "io/json.h"
+#include "models/checkpoint.h"
+#include "models/vit.h"
+#include "peft/adapter_io.h"
+#include "peft/method.h"
+
+namespace shardtune {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<bool> g_stop_requested{false};
+void on_stop_signal(int) { g_stop_requested = true; }
+
+double peak_rss_mb() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// Linear warm-up to lr over warmup_steps, then cosine decay to 0 at `total`.
+double lr_at(const TrainConfig& t, int64_t step, int64_t total) {
+  if (step < t.warmup_steps) return t.lr * static_cast<double>(step + 1) / static_cast<double>(t.warmup_steps);
+  const double span = std::max<int64_t>(1, total - t.warmup_steps);
+  return t.lr * 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(step - t.warmup_steps) / span));
+}
+
+// One double reduced over a group (all ranks of it call this).
+double reduce(ProcessGroup& g, double v, ReduceOp op) {
+  torch::Tensor t = torch::tensor({v}, torch::kFloat64);
+  g.allreduce(t, op)->wait();
+  return t.item<double>();
+}
+
+struct Built {
+  VisionTransformer model{nullptr};
+  PeftState peft;
+};
+
+// load -> (parallelize: not yet) -> inject PEFT -> freeze, the fixed order.
+Built build_model(const RunSpec& spec, const std::string& adapter_dir = "") {
+  Built b;
+  torch::manual_seed(spec.train.seed);
+  b.model = VisionTransformer(spec.model);
+  if (!spec.checkpoint.empty()) {
+    CheckpointReader reader(spec.checkpoint);
+    if (spec.load_head) {
+      load_state(*b.model, reader);
+    } else {  // a new task: keep the freshly initialised head, ignore the checkpoint's
+      std::vector<std::pair<std::string, torch::Tensor>> body;
+      for (auto& [k, v] : state_of(*b.model))
+        if (k.rfind("head.", 0) != 0) body.emplace_back(k, v);
+      check_fits(body, reader, "", /*ignore_prefix=*/"head.");
+      torch::NoGradGuard g;
+      for (auto& [k, v] : body) v.copy_(reader.read(k, v.scalar_type()));
+    }
+  }
+  torch::manual_seed(spec.train.seed + 1);  // PEFT init: same on every rank, independent of the mesh
+  b.peft = apply_peft(*b.model, spec.peft);
+  if (!adapter_dir.empty()) load_adapter_weights(adapter_dir, b.peft);
+  return b;
+}
+
+// Top-1 over `ds`, each dp rank taking a contiguous share (all dp ranks call it).
+double top1(VisionTransformer& model, const Dataset& ds, const RunSpec& spec, const Mesh& mesh) {
+  if (ds.size() == 0) return std::nan("");
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const int64_t n = ds.size(), dp = mesh.dims.dp, r = mesh.dp_rank();
+  const int64_t begin = n * r / dp, end = n * (r + 1) / dp;
+  double correct = 0;
+  for (int64_t i = begin; i < end; i += 256) {
+    torch::Tensor idx = torch::arange(i, std::min(end, i + 256), torch::kInt64);
+    torch::Tensor logits = model->forward(preprocess(ds, idx, spec.model, spec.data));
+    correct += logits.argmax(1).eq(ds.labels.index_select(0, idx)).sum().item<double>();
+  }
+  model->train(was_training);
+  return reduce(*mesh.dp, correct, ReduceOp::Sum) / static_cast<double>(n);
+}
+
+// --- checkpoints ----------------------------------------------------------------------------
+
+void fsync_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f) {
+    ::fsync(::fileno(f));
+    std::fclose(f);
+  }
+}
+
+// checkpoints/step_N: adapter/, optimizer.pt, rng.safetensors, trainer_state.json. Written
+// into a temporary directory, fsynced, then renamed, so a crash never leaves a torn one.
+void save_checkpoint(const RunSpec& spec, const Built& b, torch::optim::Optimizer& opt, int64_t step) {
+  const fs::path root = fs::path(spec.output.dir) / "checkpoints";
+  const fs::path final_dir = root / ("step_" + std::to_string(step));
+  const fs::path tmp = root / ("step_" + std::to_string(step) + ".tmp." + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  save_adapter((tmp / "adapter").string(), b.peft, spec.peft, spec.model);
+  torch::save(opt, (tmp / "optimizer.pt").string());
+  fsync_file((tmp / "optimizer.pt").string());
+  save_tensors((tmp / "rng.safetensors").string(), {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
+  json::Value state;
+  state.set("step", step);
+  state.set("method", spec.peft.method);
+  io::write_text_atomically((tmp / "trainer_state.json").string(), state.dump(2) + "\n");
+  fs::remove_all(final_dir);
+  fs::rename(tmp, final_dir);
+  spdlog::info("checkpoint written: {}", final_dir.string());
+  // Keep the newest `keep`.
+  std::vector<std::pair<int64_t, fs::path>> all;
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && name.find('.') == std::string::npos)
+      all.emplace_back(std::stoll(name.substr(5)), e.path());
+  }
+  std::sort(all.begin(), all.end());
+  for (size_t i = 0; i + static_cast<size_t>(std::max<int64_t>(1, spec.output.keep)) < all.size(); ++i)
+    fs::remove_all(all[i].second);
+}
+
+// The checkpoint to resume from, or "" for a fresh start.
+std::string resume_path(const RunSpec& spec) {
+  if (spec.output.resume == "never") return "";
+  if (spec.output.resume != "auto") {
+    if (!fs::exists(fs::path(spec.output.resume) / "trainer_state.json"))
+      throw std::invalid_argument("output.resume=" + spec.output.resume + " is not a checkpoint directory (no trainer_state.json)");
+    return spec.output.resume;
+  }
+  const fs::path root = fs::path(spec.output.dir) / "checkpoints";
+  if (!fs::exists(root)) return "";
+  int64_t best = -1;
+  std::string path;
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("step_", 0) != 0 || name.find('.') != std::string::npos) continue;  // skip temporaries
+    if (!fs::exists(e.path() / "trainer_state.json")) continue;
+    int64_t s = std::stoll(name.substr(5));
+    if (s > best) best = s, path = e.path().string();
+  }
+  return path;
+}
+
+int64_t load_checkpoint(const std::string& dir, Built& b, torch::optim::Optimizer& opt, const RunSpec& spec) {
+  json::Value state = json::parse(io::read_text(dir + "/trainer_state.json"));
+  if (state.at("method").as_string() != spec.peft.method)
+    throw std::invalid_argument(dir + ": checkpoint of peft.method=" + state.at("method").as_string() +
+                                ", this run uses peft.method=" + spec.peft.method);
+  load_adapter_weights(dir + "/adapter", b.peft);
+  torch::load(opt, dir + "/optimizer.pt");
+  at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
+  gen.set_state(CheckpointReader(dir + "/rng.safetensors").read("cpu", torch::kUInt8));
+  return state.at("step").as_int64();
+}
+
+// --- metrics ---------------------------------------------------------------------------------
+
+// metrics.jsonl: a fresh run starts it anew; a resumed run keeps the lines up to its
+// checkpoint's step (dropping what the interrupted run logged after it) and appends.
+class Metrics {
+ public:
+  Metrics(const std::string& dir, bool writer, int64_t start_step) : writer_(writer) {
+    if (!writer_) return;
+    const std::string path = dir + "/metrics.jsonl";
+    std::string kept;
+    if (start_step > 0) {
+      std::ifstream in(path);
+      for (std::string line; std::getline(in, line);) {
+        try {
+          if (json::parse(line).at("step").as_int64() <= start_step) kept += line + "\n";
+        } catch (const std::exception&) {  // a torn last line of a killed run
+        }
+      }
+    }
+    io::write_text_atomically(path, kept);
+    out_.open(path, std::ios::app);
+  }
+  void write(const json::Value& line) {
+    if (!writer_) return;
+    out_ << line.dump() << "\n";
+    out_.flush();
+  }
+
+ private:
+  bool writer_;
+  std::ofstream out_;
+};
+
+std::string progress_line(int64_t step, int64_t total, double loss, double ips, double eta_s) {
+  const int width = 24;
+  const int filled = static_cast<int>(width * step / std::max<int64_t>(1, total));
+  std::string bar = "[" + std::string(static_cast<size_t>(filled), '=') + std::string(static_cast<size_t>(width - filled), ' ') + "]";
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "%s step %lld/%lld  loss %.4f  %.1f img/s  ETA %.0fs", bar.c_str(),
+                static_cast<long long>(step), static_cast<long long>(total), loss, ips, eta_s);
+  return buf;
+}
+
+}  // namespace
+
+void install_stop_signal_handlers() {
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGUSR1, on_stop_signal);
+}
+
+double train(const RunSpec& spec, const Mesh& mesh) {
+  if (mesh.dims.tp > 1 || mesh.dims.pp > 1)
+    throw std::invalid_argument("parallel.tp=" + std::to_string(mesh.dims.tp) + " parallel.pp=" +
+                                std::to_string(mesh.dims.pp) + ": tensor and pipeline parallelism have not landed yet; use tp=1 pp=1");
+  if (spec.train.precision != "fp32")
+    throw std::invalid_argument("train.precision=" + spec.train.precision + " is not supported yet (fp32 only)");
+  if (spec.peft.method == "none") throw std::invalid_argument("peft.method=none has nothing to train");
+  const bool rank0 = mesh.rank == 0;
+  if (rank0) fs::create_directories(spec.output.dir);
+  mesh.world->barrier();
+
+  Splits data = load_splits(spec.data, spec.model);
+  Built b = build_model(spec);
+  std::vector<torch::Tensor> params;
+  for (const auto& [_, t] : b.peft.trainable) params.push_back(t);
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(spec.train.lr)
+                                      .betas({spec.train.beta1, spec.train.beta2})
+                                      .weight_decay(spec.train.weight_decay));
+  GradSync sync(params, mesh.dp, spec.bucket_mb);
+
+  const int64_t total =
+      spec.train.epochs > 0 ? (spec.train.epochs * data.train.size() + spec.data.batch_size - 1) / spec.data.batch_size
+                            : spec.train.steps;
+  int64_t step = 0;
+  if (std::string from = resume_path(spec); !from.empty()) {
+    step = load_checkpoint(from, b, opt, spec);
+    spdlog::info("resumed from {} at step {}", from, step);
+  }
+  int64_t total_params = 0;
+  for (const auto& p : b.model->parameters()) total_params += p.numel();
+  spdlog::info("train: {} with {} on {} ({} train / {} val / {} test images), {} trainable of {} parameters, {} steps",
+               spec.model.arch, spec.peft.method, mesh.dims.str(), data.train.size(), data.val.size(),
+               data.test.size(), b.peft.trainable_count(), total_params, total);
+
+  Metrics metrics(spec.output.dir, rank0, step);
+  Prefetcher prefetch(data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp);
+  const bool tty = rank0 && ::isatty(STDERR_FILENO);
+  std::vector<double> step_times;
+  const int64_t first_step = step;
+  bool stopped = false;
+  b.model->train();
+
+  while (step < total) {
+    auto t0 = std::chrono::steady_clock::now();
+    Batch batch = prefetch.get(step);
+    opt.zero_grad();
+    sync.prepare_for_backward();
+    torch::Tensor logits = b.model->forward(batch.images);
+    torch::Tensor loss = torch::nn::functional::cross_entropy(
+        logits, batch.labels, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
+    loss.backward();
+    sync.finish();
+
+    const double global_loss = reduce(*mesh.dp, loss.item<double>(), ReduceOp::Avg);
+    if (!std::isfinite(global_loss))
+      throw std::runtime_error("train: the loss is " + std::to_string(global_loss) + " at step " + std::to_string(step + 1) +
+                               "; stopping (the last checkpoint is intact)");
+    // Gradients are identical on every dp rank after the sync, so the local norm is global.
+    double sq = 0;
+    for (auto& p : params)
+      if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
+    const double grad_norm = std::sqrt(sq);
+    if (spec.train.grad_clip > 0 && grad_norm > spec.train.grad_clip) {
+      torch::NoGradGuard g;
+      for (auto& p : params)
+        if (p.grad().defined()) p.mutable_grad().mul_(spec.train.grad_clip / (grad_norm + 1e-6));
+    }
+    const double lr = lr_at(spec.train, step, total);
+    for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    opt.step();
+    ++step;
+
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (step > first_step + 1) step_times.push_back(secs);
+    const double ips = static_cast<double>(spec.data.batch_size) / secs;
+    json::Value line;
+    line.set("step", step);
+    line.set("loss", global_loss);
+    line.set("lr", lr);
+    line.set("grad_norm", grad_norm);
+    line.set("images_per_sec", ips);
+    metrics.write(line);
+    const double eta = median(step_times.empty() ? std::vector<double>{secs} : step_times) * static_cast<double>(total - step);
+    if (tty) {
+      std::fprintf(stderr, "\r%s", progress_line(step, total, global_loss, ips, eta).c_str());
+      if (step == total) std::fprintf(stderr, "\n");
+    } else if (step % std::max<int64_t>(1, spec.train.log_every) == 0 || step == total) {
+      spdlog::info("step {}/{}  loss {:.4f}  lr {:.3g}  grad_norm {:.3f}  {:.1f} img/s  ETA {:.0f}s", step, total,
+                   global_loss, lr, grad_norm, ips, eta);
+    }
+
+    if (spec.train.eval_every > 0 && step % spec.train.eval_every == 0 && step < total) {
+      json::Value ev;
+      ev.set("step", step);
+      ev.set("eval_top1", top1(b.model, data.test, spec, mesh));
+      if (data.val.size() > 0) ev.set("val_top1", top1(b.model, data.val, spec, mesh));
+      metrics.write(ev);
+      if (tty) std::fprintf(stderr, "\n");
+      spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
+    }
+    const bool exit_now = spec.train.exit_interval > 0 && step - first_step >= spec.train.exit_interval && step < total;
+    // Every rank must agree to stop, or one would wait in the next step's collectives.
+    const bool signalled = reduce(*mesh.world, g_stop_requested ? 1.0 : 0.0, ReduceOp::Max) > 0;
+    const bool periodic = spec.output.checkpoint_every > 0 && step % spec.output.checkpoint_every == 0;
+    if (rank0 && (periodic || exit_now || signalled)) save_checkpoint(spec, b, opt, step);
+    if (exit_now || signalled) {
+      if (tty) std::fprintf(stderr, "\n");
+      spdlog::info("stopping at step {} ({}); resume with output.resume=auto", step,
+                   signalled ? "signal" : "train.exit_interval");
+      stopped = true;
+      break;
+    }
+  }
+  mesh.world->barrier();
+  if (stopped) return std::nan("");
+
+  const double test_top1 = top1(b.model, data.test, spec, mesh);
+  const double val_top1 = top1(b.model, data.val, spec, mesh);
+  const double rss = reduce(*mesh.world, peak_rss_mb(), ReduceOp::Max);
+  if (rank0) {
+    json::Value ev;
+    ev.set("step", step);
+    ev.set("eval_top1", test_top1);
+    if (data.val.size() > 0) ev.set("val_top1", val_top1);
+    metrics.write(ev);
+    save_adapter(spec.output.dir + "/adapter", b.peft, spec.peft, spec.model);
+    if (spec.peft.method == "full")  // a pretrained backbone in timm naming, for later fine-tuning
+      save_tensors(spec.output.dir + "/backbone.safetensors", backbone_state(*b.model, b.peft), {{"format", "pt"}});
+    json::Value summary;
+    summary.set("eval_top1", test_top1);
+    summary.set("val_top1", data.val.size() > 0 ? json::Value(val_top1) : json::Value(nullptr));
+    summary.set("trainable_params", b.peft.trainable_count());
+    summary.set("total_params", total_params);
+    summary.set("steps", step);
+    const double st = median(step_times);
+    summary.set("step_time_s", st);
+    summary.set("images_per_sec", st > 0 ? static_cast<double>(spec.data.batch_size) / st : 0.0);
+    summary.set("peak_rss_mb", rss);
+    summary.set("grad_sync_bytes_per_step", sync.bytes_per_step());
+    json::Value m;
+    m.set("dp", mesh.dims.dp);
+    m.set("tp", mesh.dims.tp);
+    m.set("pp", mesh.dims.pp);
+    summary.set("mesh", m);
+    summary.set("precision", spec.train.precision);
+    summary.set("method", spec.peft.method);
+    io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
+  }
+  spdlog::info("done: eval top-1 {:.4f} on {} test images; outputs in {}", test_top1, data.test.size(), spec.output.dir);
+  return test_top1;
+}
+
+double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh) {
+  AdapterConfig a = read_adapter_config(adapter_dir);
+  check_adapter_fits(a, spec.model, adapter_dir);
+  RunSpec s = spec;
+  s.peft = a.peft;
+  Splits data = load_splits(s.data, s.model);
+  Built b = build_model(s, adapter_dir);
+  const double acc = top1(b.model, data.test, s, mesh);
+  if (mesh.rank == 0) {
+    fs::create_directories(s.output.dir);
+    json::Value out;
+    out.set("eval_top1", acc);
+    out.set("images", data.test.size());
+    out.set("adapter", adapter_dir);
+    io::write_text_atomically(s.output.dir + "/eval.json", out.dump(2) + "\n");
+  }
+  spdlog::info("eval top-1 {:.4f} on {} test images ({} adapter from {})", acc, data.test.size(), a.peft.method,
+               adapter_dir);
+  return acc;
+}
+
+}  // namespace shardtune

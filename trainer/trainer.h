@@ -1,0 +1,62 @@
+// The training loop: `shardtune train` and `shardtune eval`.
+//
+// Mesh-aware from the start: the loop runs on a Mesh (dp x tp x pp). Today tp = pp = 1
+// (sharding has not landed); data parallelism is complete: each dp rank takes its slice of
+// the global batch, PEFT gradients are averaged in buckets, every rank steps the same
+// AdamW, and rank 0 writes the outputs.
+#pragma once
+
+#include <string>
+
+#include "distributed/mesh.h"
+#include "models/vit_config.h"
+#include "peft/peft_config.h"
+#include "trainer/data.h"
+
+namespace shardtune {
+
+struct TrainConfig {
+  int64_t steps = 100;          // total optimizer steps (ignored when epochs > 0)
+  int64_t epochs = 0;           // > 0: steps = ceil(epochs * train size / batch)
+  double lr = 1e-3;
+  double weight_decay = 0.0;
+  double beta1 = 0.9, beta2 = 0.999;
+  int64_t warmup_steps = 0;     // linear warm-up, then cosine decay to 0
+  double grad_clip = 1.0;       // global-norm clipping; 0 = off
+  double label_smoothing = 0.0;
+  std::string precision = "fp32";
+  uint64_t seed = 0;            // PEFT initialisation (and dropout)
+  int64_t eval_every = 0;       // 0: only at the end
+  int64_t log_every = 10;
+  int64_t exit_interval = 0;    // > 0: stop after this many steps of this run, with a checkpoint
+};
+
+struct OutputConfig {
+  std::string dir = "runs/default";
+  int64_t checkpoint_every = 0;  // 0: only at exit_interval / signal stops
+  int64_t keep = 2;              // newest checkpoints kept
+  std::string resume = "auto";   // auto | never | PATH of a checkpoints/step_N directory
+};
+
+struct RunSpec {
+  ViTConfig model;
+  std::string checkpoint;   // backbone to start from; empty: random init (pretraining)
+  bool load_head = true;    // false: the checkpoint's head is skipped (a new task's head)
+  PeftConfig peft;
+  DataConfig data;
+  TrainConfig train;
+  OutputConfig output;
+  double bucket_mb = 25.0;
+};
+
+// Trains on `mesh` (all ranks call it). Returns the final eval top-1.
+double train(const RunSpec& spec, const Mesh& mesh);
+
+// Evaluates backbone + adapter on the test split (all ranks call it); writes
+// output.dir/eval.json on rank 0. Returns top-1.
+double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh);
+
+// Set by SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0.
+void install_stop_signal_handlers();
+
+}  // namespace shardtune
