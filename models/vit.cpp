@@ -43,7 +43,10 @@ DenseLinear::DenseLinear(int64_t in_features, int64_t out_features, bool with_bi
   if (with_bias) bias = register_parameter("bias", torch::zeros({out_features}));
 }
 
-torch::Tensor DenseLinear::forward(const torch::Tensor& x) { return torch::linear(x, weight, bias); }
+// Parameters follow the input's dtype (cast_like): with bf16 compute, frozen weights are
+// stored in bf16 and trainable ones in fp32, cast on use so their gradients arrive in fp32.
+
+torch::Tensor DenseLinear::forward(const torch::Tensor& x) { return torch::linear(x, cast_like(weight, x), cast_like(bias, x)); }
 
 LayerNormOp::LayerNormOp(int64_t w) : width(w) {
   weight = register_parameter("weight", torch::ones({w}));
@@ -51,7 +54,7 @@ LayerNormOp::LayerNormOp(int64_t w) : width(w) {
 }
 
 torch::Tensor LayerNormOp::forward(const torch::Tensor& x) {
-  return torch::layer_norm(x, {width}, weight, bias, kLayerNormEps);
+  return torch::layer_norm(x, {width}, cast_like(weight, x), cast_like(bias, x), kLayerNormEps);
 }
 
 // --- Slots -----------------------------------------------------------------------------
@@ -142,21 +145,23 @@ BlockImpl::BlockImpl(const ViTConfig& c) {
 torch::Tensor BlockImpl::forward(const torch::Tensor& input) {
   torch::Tensor x = pre ? pre->forward(input) : input;
   torch::Tensor a = attn->forward(norm1->forward(x));
-  torch::Tensor h = x + (ls1_gamma.defined() ? a * ls1_gamma : a);
+  torch::Tensor h = x + (ls1_gamma.defined() ? a * cast_like(ls1_gamma, a) : a);
   torch::Tensor m = mlp->forward(norm2->forward(h));
   if (mlp_side) m = m + mlp_side->forward(h);
-  return h + (ls2_gamma.defined() ? m * ls2_gamma : m);
+  return h + (ls2_gamma.defined() ? m * cast_like(ls2_gamma, m) : m);
 }
 
 // --- PatchEmbed ------------------------------------------------------------------------
 
-PatchEmbedImpl::PatchEmbedImpl(const ViTConfig& c) {
+PatchEmbedImpl::PatchEmbedImpl(const ViTConfig& c) : patch(c.patch_size) {
   proj = register_module(
       "proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.in_chans, c.dim, c.patch_size).stride(c.patch_size)));
 }
 
 torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& images) {
-  return proj->forward(images).flatten(2).transpose(1, 2);  // [B, D, g, g] -> [B, g*g, D]
+  return torch::conv2d(images, cast_like(proj->weight, images), cast_like(proj->bias, images), {patch, patch})
+      .flatten(2)
+      .transpose(1, 2);  // [B, D, g, g] -> [B, g*g, D]
 }
 
 // --- VisionTransformer -----------------------------------------------------------------
@@ -197,8 +202,8 @@ void VisionTransformerImpl::init_weights() {
 
 torch::Tensor VisionTransformerImpl::embed(const torch::Tensor& images) {
   torch::Tensor x = patch_embed->forward(images);                      // [B, N, D]
-  torch::Tensor cls = cls_token.expand({x.size(0), -1, -1});           // [B, 1, D]
-  return torch::cat({cls, x}, 1) + pos_embed;                          // [B, N+1, D]
+  torch::Tensor cls = cast_like(cls_token, x).expand({x.size(0), -1, -1});   // [B, 1, D]
+  return torch::cat({cls, x}, 1) + cast_like(pos_embed, x);                   // [B, N+1, D]
 }
 
 torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {

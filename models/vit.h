@@ -95,6 +95,7 @@ struct PatchEmbedImpl : torch::nn::Module {
   explicit PatchEmbedImpl(const ViTConfig& c);
   torch::Tensor forward(const torch::Tensor& images);
 
+  int64_t patch;
   torch::nn::Conv2d proj{nullptr};
 };
 TORCH_MODULE(PatchEmbed);
@@ -145,6 +146,12 @@ struct Slot {
 
 // Every Linear (patch embedding excluded) and LayerNorm of the model, in forward order.
 std::vector<Slot> slots(VisionTransformerImpl& model);
+
+// `t` in the dtype of `like` (undefined stays undefined): how every layer uses its
+// parameters, so bf16 compute works with fp32 trainable parameters.
+inline torch::Tensor cast_like(const torch::Tensor& t, const torch::Tensor& like) {
+  return t.defined() ? t.to(like.scalar_type()) : t;
+}
 
 // Fills `t` in place from N(0, std) truncated to [-2 std, 2 std] (PyTorch's algorithm).
 void trunc_normal_(torch::Tensor t, double std);

@@ -73,6 +73,11 @@ void unmerge_peft(torch::nn::Module& model);
 // ("blocks.0.attn.qkv.base_layer.weight") back to timm's ("blocks.0.attn.qkv.weight").
 std::vector<std::pair<std::string, torch::Tensor>> backbone_state(torch::nn::Module& model, const PeftState& peft);
 
+// Stores every frozen parameter in `dtype` (bf16 compute: half the memory of the backbone).
+// Trainable parameters, their gradients and optimizer state stay fp32; layers cast
+// parameters to the activations' dtype on use (cast_like).
+void cast_frozen(torch::nn::Module& model, torch::ScalarType dtype);
+
 // --- helpers shared by the methods ----------------------------------------------------
 
 // The slots of `kind` inside blocks (head excluded), matched against cfg.targets (or

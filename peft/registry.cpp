@@ -71,6 +71,12 @@ PeftState apply_peft(VisionTransformerImpl& model, const PeftConfig& cfg) {
   return state;
 }
 
+void cast_frozen(torch::nn::Module& model, torch::ScalarType dtype) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.parameters())
+    if (!p.requires_grad()) p.set_data(p.data().to(dtype));
+}
+
 // --- merging -----------------------------------------------------------------------------
 
 void merge_peft(torch::nn::Module& model, const std::string& method) {

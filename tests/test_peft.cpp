@@ -197,6 +197,41 @@ INSTANTIATE_TEST_SUITE_P(Methods, PeftGradients,
                          ::testing::Values("lora", "adapter", "adaptformer", "vpt_shallow", "vpt_deep", "prefix",
                                            "bitfit", "ln_tune", "ssf", "fact_tt", "linear", "full"));
 
+// --- bf16 compute --------------------------------------------------------------------------------
+
+TEST(Peft, Bf16ComputeKeepsTrainablesInFp32AndTracksFp32) {
+  const ViTConfig c = tiny_config();
+  torch::Tensor x = torch::randn({4, 1, 28, 28});
+  for (const std::string method : {"lora", "adapter", "adaptformer", "vpt_deep", "prefix", "bitfit", "ln_tune", "ssf",
+                                   "fact_tt", "full"}) {
+    VisionTransformer m = make(c);
+    PeftState s = apply_peft(*m, peft(method));
+    perturb(s, 0.05);
+    torch::Tensor ref = m->forward(x);
+    ref.pow(2).sum().backward();
+    std::vector<torch::Tensor> ref_grads;
+    for (auto& [_, t] : s.trainable) {
+      ref_grads.push_back(t.grad().clone());
+      t.mutable_grad() = torch::Tensor();
+    }
+    cast_frozen(*m, torch::kBFloat16);
+    for (auto& p : m->parameters())
+      EXPECT_EQ(p.scalar_type(), p.requires_grad() ? torch::kFloat32 : torch::kBFloat16) << method;
+    torch::Tensor out = m->forward(x.to(torch::kBFloat16)).to(torch::kFloat32);
+    EXPECT_LT(((out - ref).abs().max() / ref.abs().max()).item<double>(), 0.05) << method;
+    out.pow(2).sum().backward();
+    for (size_t i = 0; i < s.trainable.size(); ++i) {
+      const auto& g = s.trainable[i].second.grad();
+      ASSERT_TRUE(g.defined()) << method << " " << s.trainable[i].first;
+      EXPECT_EQ(g.scalar_type(), torch::kFloat32);
+      const double scale = ref_grads[i].abs().max().item<double>();
+      if (scale > 0) {
+        EXPECT_LT(((g - ref_grads[i]).abs().max()).item<double>() / scale, 0.15) << method << " " << s.trainable[i].first;
+      }
+    }
+  }
+}
+
 // --- learning ----------------------------------------------------------------------------------
 
 TEST(Peft, AFewAdamStepsLowerTheLoss) {

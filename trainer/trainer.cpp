@@ -61,6 +61,10 @@ struct Built {
 };
 
 // load -> (parallelize: not yet) -> inject PEFT -> freeze, the fixed order.
+torch::ScalarType compute_dtype(const RunSpec& spec) {
+  return spec.train.precision == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+}
+
 Built build_model(const RunSpec& spec, const std::string& adapter_dir = "") {
   Built b;
   torch::manual_seed(spec.train.seed);
@@ -81,6 +85,7 @@ Built build_model(const RunSpec& spec, const std::string& adapter_dir = "") {
   torch::manual_seed(spec.train.seed + 1);  // PEFT init: same on every rank, independent of the mesh
   b.peft = apply_peft(*b.model, spec.peft);
   if (!adapter_dir.empty()) load_adapter_weights(adapter_dir, b.peft);
+  if (spec.train.precision == "bf16") cast_frozen(*b.model, torch::kBFloat16);
   return b;
 }
 
@@ -95,7 +100,7 @@ double top1(VisionTransformer& model, const Dataset& ds, const RunSpec& spec, co
   double correct = 0;
   for (int64_t i = begin; i < end; i += 256) {
     torch::Tensor idx = torch::arange(i, std::min(end, i + 256), torch::kInt64);
-    torch::Tensor logits = model->forward(preprocess(ds, idx, spec.model, spec.data));
+    torch::Tensor logits = model->forward(preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)));
     correct += logits.argmax(1).eq(ds.labels.index_select(0, idx)).sum().item<double>();
   }
   model->train(was_training);
@@ -231,8 +236,6 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   if (mesh.dims.tp > 1 || mesh.dims.pp > 1)
     throw std::invalid_argument("parallel.tp=" + std::to_string(mesh.dims.tp) + " parallel.pp=" +
                                 std::to_string(mesh.dims.pp) + ": tensor and pipeline parallelism have not landed yet; use tp=1 pp=1");
-  if (spec.train.precision != "fp32")
-    throw std::invalid_argument("train.precision=" + spec.train.precision + " is not supported yet (fp32 only)");
   if (spec.peft.method == "none") throw std::invalid_argument("peft.method=none has nothing to train");
   const bool rank0 = mesh.rank == 0;
   if (rank0) fs::create_directories(spec.output.dir);
@@ -274,7 +277,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     Batch batch = prefetch.get(step);
     opt.zero_grad();
     sync.prepare_for_backward();
-    torch::Tensor logits = b.model->forward(batch.images);
+    torch::Tensor logits = b.model->forward(batch.images.to(compute_dtype(spec))).to(torch::kFloat32);
     torch::Tensor loss = torch::nn::functional::cross_entropy(
         logits, batch.labels, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
     loss.backward();

@@ -42,7 +42,7 @@ struct FactLinear : Op, Mergeable {
   }
   torch::Tensor forward(const torch::Tensor& x) override {
     torch::Tensor y = base->forward(x);
-    return merged ? y : y + torch::linear(x, delta());
+    return merged ? y : y + torch::linear(x, cast_like(delta(), x));
   }
   void merge() override { static_cast<DenseLinear&>(*base).weight.add_(delta()); }
   void unmerge() override { static_cast<DenseLinear&>(*base).weight.sub_(delta()); }

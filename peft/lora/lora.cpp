@@ -40,10 +40,12 @@ struct LoraLinear : Op, Mergeable {
     torch::Tensor y = base->forward(x);
     if (merged) return y;
     torch::Tensor xin = dropout_p > 0 ? torch::dropout(x, dropout_p, is_training()) : x;
-    if (pairs.size() == 1 && pairs[0].rows == y.size(-1))
-      return y + torch::linear(torch::linear(xin, pairs[0].A), pairs[0].B) * scaling;
+    auto delta = [&](const LoraPair& p) {
+      return torch::linear(torch::linear(xin, cast_like(p.A, xin)), cast_like(p.B, xin));
+    };
+    if (pairs.size() == 1 && pairs[0].rows == y.size(-1)) return y + delta(pairs[0]) * scaling;
     for (const auto& p : pairs)  // in place into the output slice: the base's backward does not need y
-      y.narrow(-1, p.offset, p.rows).add_(torch::linear(torch::linear(xin, p.A), p.B), scaling);
+      y.narrow(-1, p.offset, p.rows).add_(delta(p), scaling);
     return y;
   }
 

@@ -18,7 +18,8 @@ struct KVPrefix : KVExtension {
   }
   std::pair<torch::Tensor, torch::Tensor> extend(const torch::Tensor& k, const torch::Tensor& v) override {
     const int64_t B = k.size(0);
-    return {torch::cat({key.expand({B, -1, -1, -1}), k}, 2), torch::cat({value.expand({B, -1, -1, -1}), v}, 2)};
+    return {torch::cat({cast_like(key, k).expand({B, -1, -1, -1}), k}, 2),
+            torch::cat({cast_like(value, v).expand({B, -1, -1, -1}), v}, 2)};
   }
   torch::Tensor key, value;
 };

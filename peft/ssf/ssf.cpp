@@ -19,7 +19,7 @@ struct SsfOp : Op, Mergeable {
   }
   torch::Tensor forward(const torch::Tensor& x) override {
     torch::Tensor y = base->forward(x);
-    return merged ? y : torch::addcmul(shift, y, scale);
+    return merged ? y : torch::addcmul(cast_like(shift, y), y, cast_like(scale, y));
   }
   // (weight, bias) of the base layer; weight rows are output channels.
   std::pair<torch::Tensor, torch::Tensor> base_params() {

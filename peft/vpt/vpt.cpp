@@ -21,7 +21,7 @@ struct Prompts : Op {
   // x: [B, 1 + N, D] (insert) or [B, 1 + L + N, D] (replace)
   torch::Tensor forward(const torch::Tensor& x) override {
     const int64_t L = prompt.size(1);
-    torch::Tensor p = prompt.expand({x.size(0), L, prompt.size(2)});
+    torch::Tensor p = cast_like(prompt, x).expand({x.size(0), L, prompt.size(2)});
     torch::Tensor rest = insert_ ? x.slice(1, 1) : x.slice(1, 1 + L);
     return torch::cat({x.slice(1, 0, 1), p, rest}, 1);
   }

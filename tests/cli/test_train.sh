@@ -72,6 +72,9 @@ expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.
 expect 0 "<= 0.001" -- "$kit" compare "$work/c/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
 grep -q '"grad_sync_bytes_per_step": 8852' "$work/c/summary.json" && pass "dp=2 syncs 4 x 2213 bytes" || failed "dp=2 grad sync bytes"
 grep -q '"dp": 2' "$work/c/summary.json" && pass "mesh dp=2" || failed "mesh dp"
+# dp=4 (4 images a rank) too.
+expect 0 "done: eval top-1" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/c4"
+expect 0 "<= 0.001" -- "$kit" compare "$work/c4/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
 # A checkpoint made on dp=2 resumes on one process.
 expect 0 "stopping at step 2" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/d" --train.exit_interval 2
 expect 0 "resumed from .*step_2" -- "$st" train --config "$cfg" --output.dir "$work/d"
@@ -82,6 +85,16 @@ expect 0 "eval top-1" -- "$st" eval --config "$cfg" --adapter "$work/a/adapter" 
 run_top1=$(grep -o '"eval_top1": [0-9.e-]*' "$work/a/summary.json" | head -1 | awk '{print $2}')
 eval_top1=$(grep -o '"eval_top1": [0-9.e-]*' "$work/e/eval.json" | awk '{print $2}')
 [[ -n "$run_top1" && "$run_top1" == "$eval_top1" ]] && pass "eval top-1 $eval_top1 = run's" || failed "eval $eval_top1 vs run $run_top1"
+
+# bf16 compute: frozen weights bf16, the adapter stays fp32 and lands near the fp32 one.
+expect 0 "done: eval top-1" -- "$st" train --config "$cfg" --output.dir "$work/bf" --train.precision bf16
+grep -q '"precision": "bf16"' "$work/bf/summary.json" && pass "summary says bf16" || failed "bf16 precision field"
+grep -q '"F32"' <(head -c 4096 "$work/bf/adapter/adapter_model.safetensors") && ! grep -q '"BF16"' <(head -c 4096 "$work/bf/adapter/adapter_model.safetensors") \
+  && pass "bf16 run's adapter is fp32" || failed "bf16 adapter dtype"
+# The bf16 loss curve tracks fp32's: every step's loss within 1%.
+paste <(grep -o '"loss":[0-9.e-]*' "$work/a/metrics.jsonl" | cut -d: -f2) <(grep -o '"loss":[0-9.e-]*' "$work/bf/metrics.jsonl" | cut -d: -f2) \
+  | awk '{ d = ($1 - $2) / $1; if (d < 0) d = -d; if (d > 0.01) bad = 1; n++ } END { exit (bad || n != 6) }' \
+  && pass "bf16 losses within 1% of fp32" || failed "bf16 losses drift from fp32"
 
 # SIGTERM: finish the step, checkpoint, exit 0.
 "$st" train --config "$cfg" --output.dir "$work/f" --train.steps 100000 --data.batch_size 64 >"$work/f.log" 2>&1 &
