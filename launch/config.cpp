@@ -71,6 +71,7 @@ po::options_description config_key_options() {
     ("parallel.tp", po::value<int>(), "tensor-parallel degree")
     ("parallel.pp", po::value<int>(), "pipeline stages")
     ("parallel.microbatches", po::value<int64_t>(), "micro-batches per step")
+    ("parallel.schedule", po::value<std::string>(), "pipeline schedule: gpipe | 1f1b")
     ("parallel.bucket_mb", po::value<double>(), "gradient-sync bucket size, MB");
   // clang-format on
   return d;
@@ -178,6 +179,9 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (has("parallel.tp")) rc.parallel.tp = vm["parallel.tp"].as<int>();
   if (has("parallel.pp")) rc.parallel.pp = vm["parallel.pp"].as<int>();
   set_i("parallel.microbatches", rc.parallel.microbatches);
+  str("parallel.schedule", rc.parallel.schedule);
+  if (rc.parallel.schedule != "gpipe" && rc.parallel.schedule != "1f1b")
+    throw UsageError("parallel.schedule=" + rc.parallel.schedule + " must be gpipe or 1f1b");
   set_d("parallel.bucket_mb", rc.parallel.bucket_mb);
   rc.train.seed = rc.seed;
   if (rc.train.steps <= 0 && rc.train.epochs <= 0)
@@ -204,6 +208,7 @@ RunSpec RunConfig::spec() const {
   s.train = train;
   s.output = output;
   s.bucket_mb = parallel.bucket_mb;
+  s.microbatches = parallel.microbatches;
   return s;
 }
 

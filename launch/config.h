@@ -25,6 +25,7 @@ struct UsageError : std::runtime_error {
 struct ParallelConfig {
   int tp = 1, pp = 1;          // dp = world / (tp * pp)
   int64_t microbatches = 1;
+  std::string schedule = "1f1b";  // gpipe | 1f1b
   double bucket_mb = 25.0;     // gradient-sync bucket size
 };
 

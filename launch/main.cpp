@@ -15,6 +15,7 @@
 #include "distributed/mesh.h"
 #include "io/json.h"
 #include "launch/config.h"
+#include "launch/plan.h"
 #include "models/checkpoint.h"
 #include "models/vit.h"
 #include "peft/adapter_io.h"
@@ -35,6 +36,7 @@ constexpr const char* kUsage =
     "  merge    --config F --adapter DIR --out FILE      fold a lora/ssf/fact_tt adapter into the backbone\n"
     "  train    --config F                               fine-tune (under mpirun/srun or alone)\n"
     "  eval     --config F --adapter DIR                 top-1 of backbone + adapter on the test split\n"
+    "  plan     --config F --world-size N [--device-memory 80GB]   memory, communication, FLOPs per rank\n"
     "\n"
     "Every command takes --config FILE (INI), --section.key VALUE overrides, --log-level, --help.\n"
     "'shardtune <command> --help' lists its options and every config key.\n";
@@ -180,6 +182,33 @@ int cmd_eval(const po::variables_map& vm) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------
+// plan: no MPI, no tensors; with parallel.tp/pp given, that mesh, else the smallest that fits.
+int cmd_plan(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  if (!vm.count("world-size")) throw UsageError("--world-size is required");
+  PlanInput in;
+  in.model = rc.model;
+  in.peft = rc.peft;
+  in.world = vm["world-size"].as<int>();
+  if (in.world < 1) throw UsageError("--world-size=" + std::to_string(in.world) + " must be positive");
+  in.tp = vm.count("parallel.tp") ? rc.parallel.tp : 0;
+  in.pp = vm.count("parallel.pp") ? rc.parallel.pp : 0;
+  in.global_batch = rc.data.batch_size;
+  in.microbatches = rc.parallel.microbatches;
+  in.schedule = rc.parallel.schedule;
+  in.precision = rc.train.precision;
+  in.device_memory_bytes = parse_bytes(vm["device-memory"].as<std::string>());
+  std::vector<std::string> reasoning;
+  PlanResult r = plan(in, &reasoning);
+  if (!reasoning.empty()) {
+    std::cout << "searching the smallest tp x pp that fits (tp first, within a node of 8):\n";
+    for (const auto& line : reasoning) std::cout << "  " << line << "\n";
+  }
+  std::cout << format_plan(in, r);
+  return 0;
+}
+
 // One line, through the rank-aware logger once it exists; returns the exit code.
 int fail(const char* command, const std::string& what, int code) {
   if (spdlog::get("shardtune")) {
@@ -198,6 +227,13 @@ struct Command {
 };
 
 po::options_description train_options() { return po::options_description("train options"); }
+
+po::options_description plan_options() {
+  po::options_description d("plan options");
+  d.add_options()("world-size", po::value<int>(), "number of ranks")(
+      "device-memory", po::value<std::string>()->default_value("80GB"), "memory of one device (80GB, 24GiB, ...)");
+  return d;
+}
 
 po::options_description eval_options() {
   po::options_description d("eval options");
@@ -233,6 +269,7 @@ const Command kCommands[] = {
     {"merge", cmd_merge, merge_options, false},
     {"train", cmd_train, train_options, true},
     {"eval", cmd_eval, eval_options, true},
+    {"plan", cmd_plan, plan_options, false},
 };
 
 }  // namespace

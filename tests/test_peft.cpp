@@ -12,6 +12,7 @@
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
+#include "peft/peft_count.h"
 #include "peft/targets.h"
 #include "tests/tiny.h"
 
@@ -86,6 +87,22 @@ TEST(Peft, TrainableCountsMatchClosedForms) {
     int64_t grad_params = 0;
     for (const auto& p : m->parameters()) grad_params += p.requires_grad() ? p.numel() : 0;
     EXPECT_EQ(grad_params, s.trainable_count()) << method;
+  }
+}
+
+TEST(Peft, ClosedFormCountsEqualTheInjectedModels) {
+  ViTConfig qk = count_config();
+  qk.qk_norm = true;
+  qk.layer_scale = 0.1;
+  ViTConfig nobias = count_config();
+  nobias.qkv_bias = false;
+  nobias.global_pool = "avg";
+  for (const ViTConfig& c : {count_config(), qk, nobias}) {
+    for (const auto& method : kAllMethods) {
+      VisionTransformer m = make(c);
+      PeftState s = apply_peft(*m, peft(method));
+      EXPECT_EQ(trainable_param_count(c, peft(method)), s.trainable_count()) << method << " " << describe(c);
+    }
   }
 }
 

@@ -32,7 +32,7 @@ void on_stop_signal(int) { g_stop_requested = true; }
 double peak_rss_mb() {
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+  return static_cast<double>(ru.ru_maxrss) * 1024.0 / 1e6;  // ru_maxrss is in KiB on Linux; MB = 1e6 bytes
 }
 
 double median(std::vector<double> v) {
@@ -276,14 +276,23 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     auto t0 = std::chrono::steady_clock::now();
     Batch batch = prefetch.get(step);
     opt.zero_grad();
-    sync.prepare_for_backward();
-    torch::Tensor logits = b.model->forward(batch.images.to(compute_dtype(spec))).to(torch::kFloat32);
-    torch::Tensor loss = torch::nn::functional::cross_entropy(
-        logits, batch.labels, torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
-    loss.backward();
+    // Micro-batches: equal chunks of the local batch, each loss scaled by 1/m so the
+    // accumulated gradient is the whole batch's mean; the dp buckets launch during the
+    // last chunk's backward.
+    const int64_t m = std::max<int64_t>(1, spec.microbatches);
+    auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
+    double local_loss = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      if (i == m - 1) sync.prepare_for_backward();
+      torch::Tensor logits = b.model->forward(images[i]).to(torch::kFloat32);
+      torch::Tensor loss = torch::nn::functional::cross_entropy(
+          logits, labels[i], torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
+      (loss / static_cast<double>(m)).backward();
+      local_loss += loss.item<double>() / static_cast<double>(m);
+    }
     sync.finish();
 
-    const double global_loss = reduce(*mesh.dp, loss.item<double>(), ReduceOp::Avg);
+    const double global_loss = reduce(*mesh.dp, local_loss, ReduceOp::Avg);
     if (!std::isfinite(global_loss))
       throw std::runtime_error("train: the loss is " + std::to_string(global_loss) + " at step " + std::to_string(step + 1) +
                                "; stopping (the last checkpoint is intact)");

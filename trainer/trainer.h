@@ -47,6 +47,7 @@ struct RunSpec {
   TrainConfig train;
   OutputConfig output;
   double bucket_mb = 25.0;
+  int64_t microbatches = 1;  // the local batch runs as this many chunks, gradients accumulated
 };
 
 // Trains on `mesh` (all ranks call it). Returns the final eval top-1.

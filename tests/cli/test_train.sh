@@ -72,6 +72,11 @@ expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.
 expect 0 "<= 0.001" -- "$kit" compare "$work/c/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
 grep -q '"grad_sync_bytes_per_step": 8852' "$work/c/summary.json" && pass "dp=2 syncs 4 x 2213 bytes" || failed "dp=2 grad sync bytes"
 grep -q '"dp": 2' "$work/c/summary.json" && pass "mesh dp=2" || failed "mesh dp"
+# Micro-batches accumulate to the same step (2 chunks of 8, and dp=2 x 2 chunks of 4).
+expect 0 "done: eval top-1" -- "$st" train --config "$cfg" --output.dir "$work/mb" --parallel.microbatches 2
+expect 0 "<= 0.001" -- "$kit" compare "$work/mb/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
+expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/mb2" --parallel.microbatches 2
+expect 0 "<= 0.001" -- "$kit" compare "$work/mb2/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
 # dp=4 (4 images a rank) too.
 expect 0 "done: eval top-1" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/c4"
 expect 0 "<= 0.001" -- "$kit" compare "$work/c4/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
