@@ -5,20 +5,7 @@
 set -u
 st=$1 kit=$2 work=$3
 rm -rf "$work" && mkdir -p "$work"
-fails=0
-
-# expect CODE REGEX -- command...: the exit code is CODE and stdout+stderr match REGEX.
-expect() {
-  local code=$1 regex=$2; shift 3
-  local out rc
-  out=$("$@" 2>&1); rc=$?
-  if [[ $rc -ne $code ]] || ! tr '\n' ' ' <<<"$out" | grep -Eq -- "$regex"; then
-    echo "FAIL: $* -> exit $rc (want $code), output:"; echo "$out" | sed 's/^/    /'; echo "    (wanted /$regex/)"
-    fails=$((fails + 1))
-  else
-    echo "ok: $*"
-  fi
-}
+source "$(dirname "$0")/lib.sh"
 
 cfg=$work/tiny.ini
 cat >"$cfg" <<INI
@@ -39,13 +26,13 @@ INI
 # Happy path: init twice with one seed gives identical files; predict writes logits.
 expect 0 "wrote .*init.safetensors" -- "$st" init --config "$cfg" --out "$work/init.safetensors"
 expect 0 "wrote" -- "$st" init --config "$cfg" --out "$work/init2.safetensors"
-cmp -s "$work/init.safetensors" "$work/init2.safetensors" || { echo "FAIL: init is not deterministic"; fails=$((fails+1)); }
+cmp -s "$work/init.safetensors" "$work/init2.safetensors" || { failed "init is not deterministic"; }
 expect 0 "wrote 6 images" -- "$kit" make-input /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
   /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz 6 28 1 0.286,0.353 "$work/input.safetensors"
 expect 0 "wrote logits \[6, 5\].*top-1 against the input's labels" -- \
   "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" --input "$work/input.safetensors" \
   --out "$work/logits.safetensors" --batch-size 4
-[[ -s "$work/logits.safetensors" ]] || { echo "FAIL: no logits file"; fails=$((fails+1)); }
+[[ -s "$work/logits.safetensors" ]] || failed "no logits file"
 expect 0 "\[rank 0\] \[info\]" -- "$st" init --config "$cfg" --out "$work/x.safetensors"
 expect 0 "usage: shardtune predict" -- "$st" predict --help
 expect 0 "model.global_pool" -- "$st" init --help
@@ -73,7 +60,7 @@ expect 1 "input.safetensors: tensor 'input' has shape \[6, 1, 28, 28\], the mode
   "$st" predict --config "$cfg" --model.in_chans 3 --model.checkpoint "$work/x3.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
 expect 1 "missing.safetensors: cannot open" -- \
   "$st" predict --config "$cfg" --model.checkpoint "$work/missing.safetensors" --input "$work/input.safetensors" --out "$work/logits.safetensors"
-cmp -s "$work/logits.safetensors" "$work/logits.bak" || { echo "FAIL: a failed run changed an existing output"; fails=$((fails+1)); }
+cmp -s "$work/logits.safetensors" "$work/logits.bak" || failed "a failed run changed an existing output"
 
 # Adapters: predict --adapter, and merge -> a plain backbone that predicts the same logits.
 for method in lora ssf fact_tt; do
@@ -91,12 +78,11 @@ done
 expect 0 "wrote a adapter adapter" -- "$kit" make-adapter "$cfg" adapter "$work/adapter_adapter" 7
 expect 2 "peft.method=adapter cannot be merged" -- "$st" merge --config "$cfg" --model.checkpoint "$work/init.safetensors" \
   --adapter "$work/adapter_adapter" --out "$work/never.safetensors"
-[[ ! -e "$work/never.safetensors" ]] || { echo "FAIL: a failed merge wrote its output"; fails=$((fails+1)); }
+[[ ! -e "$work/never.safetensors" ]] || failed "a failed merge wrote its output"
 expect 1 "adapter_config.json: the adapter was made for another backbone: model.dim: adapter 32, model 64" -- \
   "$st" predict --config "$cfg" --model.dim 64 --model.checkpoint "$work/init.safetensors" --input "$work/input.safetensors" \
   --out "$work/y.safetensors" --adapter "$work/adapter_lora"
 expect 1 "nowhere/adapter_config.json: .*cannot open" -- "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" \
   --input "$work/input.safetensors" --out "$work/y.safetensors" --adapter "$work/nowhere"
 
-echo "$fails failure(s)"
-[[ $fails -eq 0 ]]
+finish

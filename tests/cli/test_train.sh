@@ -5,20 +5,7 @@
 set -u
 st=$1 kit=$2 mpiexec=$3 work=$4
 rm -rf "$work" && mkdir -p "$work"
-fails=0
-pass() { echo "ok: $*"; }
-failed() { echo "FAIL: $*"; fails=$((fails + 1)); }
-
-expect() {  # CODE REGEX -- command...
-  local code=$1 regex=$2; shift 3
-  local out rc
-  out=$("$@" 2>&1); rc=$?
-  if [[ $rc -ne $code ]] || ! tr '\n' ' ' <<<"$out" | grep -Eq -- "$regex"; then
-    failed "$* -> exit $rc (want $code)"; echo "$out" | tail -15 | sed 's/^/    /'; echo "    (wanted /$regex/)"
-  else
-    pass "$*"
-  fi
-}
+source "$(dirname "$0")/lib.sh"
 
 cfg=$work/tiny.ini
 cat >"$cfg" <<INI
@@ -117,5 +104,4 @@ expect 1 "nowhere/train-images-idx3-ubyte.gz: cannot open" -- "$st" train --conf
 expect 1 "the loss is .* at step 1" -- "$st" train --config "$cfg" --output.dir "$work/h" --data.std 1e-38 --data.mean 1e38
 expect 2 "peft.targets: pattern 'attn.qvk' matches no module" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.targets attn.qvk
 
-echo "$fails failure(s)"
-[[ $fails -eq 0 ]]
+finish
