@@ -20,6 +20,7 @@
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
+#include "peft/targets.h"
 #include "trainer/trainer.h"
 
 using namespace shardtune;
@@ -166,8 +167,29 @@ Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
 
 MpiRuntime* g_mpi = nullptr;  // set by main for the commands that run under MPI
 
+// Before any collective, every rank checks what it can without tensors: the PEFT method is
+// known, its target patterns match modules of the model, and the checkpoint exists, parses
+// and has every parameter's shape (from its header alone).
+void preflight(const RunConfig& rc) {
+  MethodRegistry::instance().get(rc.peft.method);
+  if (!rc.peft.targets.empty()) {
+    std::vector<std::string> modules;
+    for (const auto& [name, _] : rc.model.parameter_shapes())
+      if (name.rfind("blocks.", 0) == 0 && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0)
+        modules.push_back(name.substr(0, name.size() - 7));
+    match_targets(modules, rc.peft.targets, rc.peft.exclude);
+  }
+  if (rc.checkpoint.empty()) return;
+  CheckpointReader reader(rc.checkpoint);
+  ShapeList expected;
+  for (auto& [name, shape] : rc.model.parameter_shapes())
+    if (rc.load_head || name.rfind("head.", 0) != 0) expected.emplace_back(name, shape);
+  check_fits(expected, reader, "", rc.load_head ? "" : "head.");
+}
+
 int cmd_train(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
+  preflight(rc);
   Mesh mesh = mesh_for(rc, *g_mpi);
   install_stop_signal_handlers();
   train(rc.spec(), mesh);
@@ -177,6 +199,7 @@ int cmd_train(const po::variables_map& vm) {
 int cmd_eval(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
   const std::string adapter = required(vm, "adapter");
+  preflight(rc);
   Mesh mesh = mesh_for(rc, *g_mpi);
   evaluate_adapter(rc.spec(), adapter, mesh);
   return 0;

@@ -249,17 +249,23 @@ std::vector<std::pair<std::string, torch::Tensor>> state_of(const torch::nn::Mod
   return out;
 }
 
-void check_fits(const std::vector<std::pair<std::string, torch::Tensor>>& expected, const CheckpointReader& reader,
-                const std::string& key_prefix, const std::string& ignore_prefix) {
+ShapeList shapes_of(const std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
+  ShapeList out;
+  for (const auto& [name, t] : tensors) out.emplace_back(name, t.sizes().vec());
+  return out;
+}
+
+void check_fits(const ShapeList& expected, const CheckpointReader& reader, const std::string& key_prefix,
+                const std::string& ignore_prefix) {
   std::vector<std::string> problems;
   std::set<std::string> names;
-  for (const auto& [name, t] : expected) {
+  for (const auto& [name, shape] : expected) {
     const std::string key = key_prefix + name;
     names.insert(key);
     if (!reader.contains(key)) {
-      problems.push_back("missing key " + key + " (expected shape " + shape_str(t.sizes().vec()) + ")");
-    } else if (reader.shape(key) != t.sizes().vec()) {
-      problems.push_back("shape mismatch for " + key + ": expected " + shape_str(t.sizes().vec()) + ", found " +
+      problems.push_back("missing key " + key + " (expected shape " + shape_str(shape) + ")");
+    } else if (reader.shape(key) != shape) {
+      problems.push_back("shape mismatch for " + key + ": expected " + shape_str(shape) + ", found " +
                          shape_str(reader.shape(key)));
     }
   }
@@ -274,7 +280,7 @@ void check_fits(const std::vector<std::pair<std::string, torch::Tensor>>& expect
 
 void load_state(torch::nn::Module& module, const CheckpointReader& reader) {
   auto state = state_of(module);
-  check_fits(state, reader);  // nothing is modified unless everything fits
+  check_fits(shapes_of(state), reader);  // nothing is modified unless everything fits
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : state) t.copy_(reader.read(name, t.scalar_type()));
 }

@@ -69,8 +69,10 @@ void load_state(torch::nn::Module& module, const CheckpointReader& reader);
 // `key_prefix` + name: one line per missing key, shape mismatch and unexpected key (keys
 // starting with `ignore_prefix` are never unexpected). Throws one CheckpointError listing
 // them all ("PATH does not fit the model: N problems: ...").
-void check_fits(const std::vector<std::pair<std::string, torch::Tensor>>& expected, const CheckpointReader& reader,
-                const std::string& key_prefix = "", const std::string& ignore_prefix = "");
+using ShapeList = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+void check_fits(const ShapeList& expected, const CheckpointReader& reader, const std::string& key_prefix = "",
+                const std::string& ignore_prefix = "");
+ShapeList shapes_of(const std::vector<std::pair<std::string, torch::Tensor>>& tensors);
 
 // Writes named tensors (converted to contiguous CPU, dtype kept) as one safetensors file,
 // atomically.

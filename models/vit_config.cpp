@@ -99,6 +99,43 @@ int64_t ViTConfig::param_count() const {
   return n;
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> ViTConfig::parameter_shapes() const {
+  const int64_t D = dim, M = mlp_dim;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> s;
+  s.push_back({"cls_token", {1, 1, D}});
+  s.push_back({"pos_embed", {1, num_tokens(), D}});
+  s.push_back({"patch_embed.proj.weight", {D, in_chans, patch_size, patch_size}});
+  s.push_back({"patch_embed.proj.bias", {D}});
+  for (int64_t i = 0; i < depth; ++i) {
+    const std::string b = "blocks." + std::to_string(i) + ".";
+    s.push_back({b + "norm1.weight", {D}});
+    s.push_back({b + "norm1.bias", {D}});
+    s.push_back({b + "attn.qkv.weight", {3 * D, D}});
+    if (qkv_bias) s.push_back({b + "attn.qkv.bias", {3 * D}});
+    if (qk_norm)
+      for (const char* n : {"attn.q_norm.weight", "attn.q_norm.bias", "attn.k_norm.weight", "attn.k_norm.bias"})
+        s.push_back({b + n, {head_dim()}});
+    s.push_back({b + "attn.proj.weight", {D, D}});
+    s.push_back({b + "attn.proj.bias", {D}});
+    if (layer_scale > 0) s.push_back({b + "ls1.gamma", {D}});
+    s.push_back({b + "norm2.weight", {D}});
+    s.push_back({b + "norm2.bias", {D}});
+    s.push_back({b + "mlp.fc1.weight", {M, D}});
+    s.push_back({b + "mlp.fc1.bias", {M}});
+    s.push_back({b + "mlp.fc2.weight", {D, M}});
+    s.push_back({b + "mlp.fc2.bias", {D}});
+    if (layer_scale > 0) s.push_back({b + "ls2.gamma", {D}});
+  }
+  const std::string top = global_pool == "avg" ? "fc_norm" : "norm";
+  s.push_back({top + ".weight", {D}});
+  s.push_back({top + ".bias", {D}});
+  if (num_classes > 0) {
+    s.push_back({"head.weight", {num_classes, D}});
+    s.push_back({"head.bias", {num_classes}});
+  }
+  return s;
+}
+
 double ViTConfig::forward_flops_per_image() const {
   const double N = static_cast<double>(num_tokens()), D = static_cast<double>(dim),
                M = static_cast<double>(mlp_dim);

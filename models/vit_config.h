@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace shardtune {
@@ -34,6 +35,10 @@ struct ViTConfig {
   // Parameter count in closed form, equal to timm's for the same configuration.
   int64_t param_count() const;
   int64_t block_param_count() const;
+
+  // Every parameter of the timm model this config builds: (name, shape), in registration
+  // order. Lets a checkpoint be checked against the config from its header alone.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes() const;
 
   // Forward FLOPs for one image (a multiply-add = 2 FLOPs): patch embedding + blocks + head.
   double forward_flops_per_image() const;

@@ -96,7 +96,7 @@ void check_adapter_fits(const AdapterConfig& adapter, const ViTConfig& model, co
 
 void load_adapter_weights(const std::string& dir, const PeftState& state) {
   CheckpointReader reader(dir + "/adapter_model.safetensors");
-  check_fits(state.trainable, reader, kAdapterKeyPrefix);
+  check_fits(shapes_of(state.trainable), reader, kAdapterKeyPrefix);
   torch::NoGradGuard no_grad;
   for (auto [name, t] : state.trainable) t.copy_(reader.read(kAdapterKeyPrefix + name, t.scalar_type()));
 }

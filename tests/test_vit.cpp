@@ -49,6 +49,16 @@ TEST(ViTConfig, BuiltModelHasTheClosedFormCount) {
   }
 }
 
+TEST(ViTConfig, ParameterShapesAreTheBuiltModels) {
+  for (const ViTConfig& c : tiny_variants()) {
+    VisionTransformer m(c);
+    std::map<std::string, std::vector<int64_t>> built, declared;
+    for (const auto& p : m->named_parameters()) built[p.key()] = p.value().sizes().vec();
+    for (const auto& [name, shape] : c.parameter_shapes()) declared[name] = shape;
+    EXPECT_EQ(built, declared) << describe(c);
+  }
+}
+
 TEST(ViTConfig, UnknownPresetListsTheKnownOnes) {
   try {
     vit_preset("vit_enormous");

@@ -77,7 +77,7 @@ Built build_model(const RunSpec& spec, const std::string& adapter_dir = "") {
       std::vector<std::pair<std::string, torch::Tensor>> body;
       for (auto& [k, v] : state_of(*b.model))
         if (k.rfind("head.", 0) != 0) body.emplace_back(k, v);
-      check_fits(body, reader, "", /*ignore_prefix=*/"head.");
+      check_fits(shapes_of(body), reader, "", /*ignore_prefix=*/"head.");
       torch::NoGradGuard g;
       for (auto& [k, v] : body) v.copy_(reader.read(k, v.scalar_type()));
     }

@@ -102,6 +102,14 @@ expect 2 "data.batch_size=15 is not divisible by dp=2" -- "${mpi[@]}" "$st" trai
 expect 2 "data.classes=0-4 has 5 classes" -- "$st" train --config "$cfg" --output.dir "$work/g" --model.num_classes 7
 expect 1 "nowhere/train-images-idx3-ubyte.gz: cannot open" -- "$st" train --config "$cfg" --output.dir "$work/g" --data.root "$work/nowhere"
 expect 1 "the loss is .* at step 1" -- "$st" train --config "$cfg" --output.dir "$work/h" --data.std 1e-38 --data.mean 1e38
+# The checkpoint is checked from its header on every rank before any collective.
+"$st" init --config "$cfg" --model.dim 64 --out "$work/wide.safetensors" >/dev/null 2>&1
+expect 1 "missing.safetensors: cannot open" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --model.checkpoint "$work/missing.safetensors"
+expect 1 "wide.safetensors does not fit the model: .*shape mismatch for pos_embed: expected \[1, 17, 32\], found \[1, 17, 64\]" -- \
+  "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --model.checkpoint "$work/wide.safetensors"
+expect 2 "peft.method=loha is not a known method" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.method loha
+expect 2 "model.heads=4 is not divisible by parallel.tp=3" -- "$mpiexec" --oversubscribe -n 3 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 3
+expect 2 "model.depth=2 is less than parallel.pp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.pp 4
 expect 2 "peft.targets: pattern 'attn.qvk' matches no module" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.targets attn.qvk
 
 finish
