@@ -44,6 +44,7 @@ MPI_Datatype mpi_type(torch::ScalarType t) {
     case torch::kFloat32: return MPI_FLOAT;
     case torch::kFloat64: return MPI_DOUBLE;
     case torch::kInt64: return MPI_INT64_T;
+    case torch::kUInt8: return MPI_UINT8_T;  // bytes (names) between ranks
     case torch::kBFloat16:
     case torch::kFloat16: return MPI_UINT16_T;  // reduced by the ops above, never as integers
     default: return MPI_DATATYPE_NULL;

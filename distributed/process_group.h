@@ -4,7 +4,8 @@
 // tensors of the same shape and dtype (all processes of the group collaborate). Tensors
 // are contiguous and live on the group's device. Verbs that return a Work start the
 // operation and may return before it completes; the tensors must stay untouched until
-// wait() returns. Supported dtypes: float32, float64, bfloat16, float16, int64.
+// wait() returns. Supported dtypes: float32, float64, bfloat16, float16, int64 (and uint8
+// bytes for broadcast, gather and point to point).
 // bf16/fp16 reductions accumulate each pair in fp32 (never as raw bytes).
 #pragma once
 

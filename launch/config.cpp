@@ -209,6 +209,7 @@ RunSpec RunConfig::spec() const {
   s.output = output;
   s.bucket_mb = parallel.bucket_mb;
   s.microbatches = parallel.microbatches;
+  s.schedule = parallel.schedule;
   return s;
 }
 

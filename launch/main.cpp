@@ -21,6 +21,8 @@
 #include "peft/adapter_io.h"
 #include "peft/method.h"
 #include "peft/targets.h"
+#include "sharding/pipeline.h"
+#include "sharding/stage_model.h"
 #include "trainer/trainer.h"
 
 using namespace shardtune;
@@ -59,31 +61,45 @@ VisionTransformer build_model(const RunConfig& rc) {
   return VisionTransformer(rc.model);
 }
 
-// The backbone from model.checkpoint, with the adapter in `adapter_dir` applied if given.
-struct LoadedModel {
-  VisionTransformer model{nullptr};
-  PeftState peft;
-  AdapterConfig adapter;
-};
+// ---------------------------------------------------------------------------------------
+// train / eval / predict / merge: every rank validates the mesh before any collective, then builds it.
+Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
+  MeshRequirements req;
+  req.heads = rc.model.heads;
+  req.depth = rc.model.depth;
+  req.global_batch = rc.data.batch_size;
+  req.microbatches = rc.parallel.microbatches;
+  ParallelDims dims;
+  try {
+    dims = ParallelDims::make(mpi.world_size(), rc.parallel.tp, rc.parallel.pp, req);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(e.what());
+  }
+  return make_mesh(dims);
+}
 
-LoadedModel load_backbone(const RunConfig& rc, const std::string& adapter_dir) {
+MpiRuntime* g_mpi = nullptr;  // set by main for the commands that run under MPI
+
+// This rank's part of the backbone from model.checkpoint, with the adapter in `adapter_dir`
+// applied if given (all ranks call it).
+StageModel load_on_mesh(const RunConfig& rc, const std::string& adapter_dir, const Mesh& mesh, AdapterConfig* adapter) {
   if (rc.checkpoint.empty()) throw UsageError("model.checkpoint is not set (--model.checkpoint FILE)");
-  LoadedModel out;
+  ModelSpec spec;
+  spec.model = rc.model;
+  spec.checkpoint = rc.checkpoint;
+  spec.seed = rc.seed;
+  spec.peft.method = "none";
   if (!adapter_dir.empty()) {  // check the cheap file first
-    out.adapter = read_adapter_config(adapter_dir);
-    check_adapter_fits(out.adapter, rc.model, adapter_dir);
+    *adapter = read_adapter_config(adapter_dir);
+    check_adapter_fits(*adapter, rc.model, adapter_dir);
+    spec.peft = adapter->peft;
+    spec.adapter_dir = adapter_dir;
   }
-  out.model = build_model(rc);
-  load_state(*out.model, CheckpointReader(rc.checkpoint));
-  spdlog::info("loaded {} from {}", rc.model.arch, rc.checkpoint);
-  if (!adapter_dir.empty()) {
-    out.peft = apply_peft(*out.model, out.adapter.peft);
-    load_adapter_weights(adapter_dir, out.peft);
-    spdlog::info("applied {} adapter from {} ({} tensors)", out.adapter.peft.method, adapter_dir,
-                 out.peft.trainable.size());
-  }
-  out.model->eval();
-  return out;
+  StageModel m = build_stage_model(spec, mesh);
+  spdlog::info("loaded {} from {} on {}{}", rc.model.arch, rc.checkpoint, mesh.dims.str(),
+               adapter_dir.empty() ? "" : " with the " + spec.peft.method + " adapter from " + adapter_dir);
+  m.model->eval();
+  return m;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -106,7 +122,9 @@ int cmd_predict(const po::variables_map& vm) {
   const int64_t batch = vm["batch-size"].as<int64_t>();
   if (batch <= 0) throw UsageError("--batch-size=" + std::to_string(batch) + " must be positive");
   const std::string adapter_dir = vm.count("adapter") ? vm["adapter"].as<std::string>() : "";
-  VisionTransformer model = load_backbone(rc, adapter_dir).model;
+  Mesh mesh = mesh_for(rc, *g_mpi);
+  AdapterConfig adapter;
+  StageModel sm = load_on_mesh(rc, adapter_dir, mesh, &adapter);
 
   CheckpointReader input(input_path);
   if (!input.contains("input")) throw std::runtime_error(input_path + ": no tensor named 'input'");
@@ -118,10 +136,23 @@ int cmd_predict(const po::variables_map& vm) {
                              std::to_string(m.image_size) + "]");
   torch::Tensor images = input.read("input", torch::kFloat32);
 
+  // Through the pipeline stages; every dp replica computes all of it, rank 0 writes.
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> chunks;
-  for (int64_t i = 0; i < images.size(0); i += batch) chunks.push_back(model->forward(images.slice(0, i, i + batch)));
-  torch::Tensor logits = chunks.empty() ? torch::empty({0, m.num_classes}) : torch::cat(chunks, 0);
+  auto forward = [&](const torch::Tensor& x) { return sm.model->forward(x); };
+  for (int64_t i = 0; i < images.size(0); i += batch)
+    chunks.push_back(pipeline_forward(images.slice(0, i, i + batch), sm.role, forward, mesh.pp.get()));
+  torch::Tensor logits;
+  if (sm.role.last()) logits = chunks.empty() ? torch::empty({0, m.num_classes}) : torch::cat(chunks, 0);
+  if (mesh.dims.pp > 1 && mesh.dp_rank() == 0 && mesh.tp_rank() == 0) {  // the last stage hands them to rank 0
+    if (sm.role.last()) {
+      std::vector<torch::Tensor> keep;
+      for (auto& w : send_tensor(*mesh.pp, logits, 0, keep)) w->wait();
+    } else if (sm.role.first()) {
+      logits = recv_tensor(*mesh.pp, mesh.dims.pp - 1);
+    }
+  }
+  if (mesh.rank != 0) return 0;
   save_tensors(out_path, {{"logits", logits}});
   spdlog::info("wrote logits {} to {}", shape_str(logits.sizes().vec()), out_path);
 
@@ -141,31 +172,17 @@ int cmd_predict(const po::variables_map& vm) {
 int cmd_merge(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
   const std::string adapter_dir = required(vm, "adapter"), out = required(vm, "out");
-  LoadedModel m = load_backbone(rc, adapter_dir);
-  merge_peft(*m.model, m.adapter.peft.method);
-  save_tensors(out, backbone_state(*m.model, m.peft), {{"format", "pt"}, {"shardtune_config", to_ini(rc)}});
-  spdlog::info("merged the {} adapter into {}", m.adapter.peft.method, out);
+  Mesh mesh = mesh_for(rc, *g_mpi);
+  AdapterConfig adapter;
+  StageModel m = load_on_mesh(rc, adapter_dir, mesh, &adapter);
+  merge_peft(*m.model, adapter.peft.method);  // each rank folds the update into its own shards
+  auto merged = gather_backbone(m, mesh);
+  if (mesh.rank != 0) return 0;
+  save_tensors(out, merged, {{"format", "pt"}, {"shardtune_config", to_ini(rc)}});
+  spdlog::info("merged the {} adapter into {}", adapter.peft.method, out);
   return 0;
 }
 
-// ---------------------------------------------------------------------------------------
-// train / eval: every rank validates the mesh before any collective, then builds it.
-Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
-  MeshRequirements req;
-  req.heads = rc.model.heads;
-  req.depth = rc.model.depth;
-  req.global_batch = rc.data.batch_size;
-  req.microbatches = rc.parallel.microbatches;
-  ParallelDims dims;
-  try {
-    dims = ParallelDims::make(mpi.world_size(), rc.parallel.tp, rc.parallel.pp, req);
-  } catch (const std::invalid_argument& e) {
-    throw UsageError(e.what());
-  }
-  return make_mesh(dims);
-}
-
-MpiRuntime* g_mpi = nullptr;  // set by main for the commands that run under MPI
 
 // Before any collective, every rank checks what it can without tensors: the PEFT method is
 // known, its target patterns match modules of the model, and the checkpoint exists, parses
@@ -288,8 +305,8 @@ po::options_description merge_options() {
 
 const Command kCommands[] = {
     {"init", cmd_init, init_options, false},
-    {"predict", cmd_predict, predict_options, false},
-    {"merge", cmd_merge, merge_options, false},
+    {"predict", cmd_predict, predict_options, true},
+    {"merge", cmd_merge, merge_options, true},
     {"train", cmd_train, train_options, true},
     {"eval", cmd_eval, eval_options, true},
     {"plan", cmd_plan, plan_options, false},

@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <sstream>
@@ -80,6 +82,41 @@ std::string dir_of(const std::string& p) {
   return slash == std::string::npos ? "." : p.substr(0, slash);
 }
 
+// Copies entries `index` (ascending) along `dim` of a raw tensor: one memcpy per run of
+// consecutive indices per outer row, so only those bytes of the map are touched.
+torch::Tensor slice_from_safetensors(const sf::File& file, const sf::TensorInfo& info, torch::ScalarType dtype,
+                                     int64_t dim, const std::vector<int64_t>& index, size_t* bytes) {
+  const std::string where = file.path() + ":" + info.name;
+  const auto rank = static_cast<int64_t>(info.shape.size());
+  if (dim < 0 || dim >= rank) throw CheckpointError(where + ": cannot slice dim " + std::to_string(dim));
+  std::vector<int64_t> shape = info.shape;
+  shape[static_cast<size_t>(dim)] = static_cast<int64_t>(index.size());
+  torch::Tensor raw = torch::empty(shape, torch::TensorOptions().dtype(scalar_type_of(info.dtype, where)));
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= info.shape[static_cast<size_t>(d)];
+  for (int64_t d = dim + 1; d < rank; ++d) inner *= info.shape[static_cast<size_t>(d)];
+  const int64_t extent = info.shape[static_cast<size_t>(dim)];
+  const size_t row = static_cast<size_t>(inner) * raw.element_size();
+  const auto* src = reinterpret_cast<const char*>(file.data(info));
+  auto* dst = static_cast<char*>(raw.data_ptr());
+  for (size_t i = 0; i < index.size(); ++i)
+    if (index[i] < 0 || index[i] >= extent || (i && index[i] <= index[i - 1]))
+      throw CheckpointError(where + ": slice index " + std::to_string(index[i]) + " is out of order or outside [0, " +
+                            std::to_string(extent) + ")");
+  for (int64_t o = 0; o < outer; ++o) {
+    for (size_t i = 0; i < index.size();) {
+      size_t j = i + 1;
+      while (j < index.size() && index[j] == index[j - 1] + 1) ++j;
+      const size_t n = (j - i) * row;
+      std::memcpy(dst, src + (static_cast<size_t>(o * extent + index[i])) * row, n);
+      dst += n;
+      *bytes += n;
+      i = j;
+    }
+  }
+  return raw.scalar_type() == dtype ? raw : raw.to(dtype);
+}
+
 }  // namespace
 
 torch::Tensor tensor_from_safetensors(const sf::File& file, const sf::TensorInfo& info, torch::ScalarType dtype) {
@@ -144,7 +181,14 @@ void CheckpointReader::add_file(const std::string& file) {
     e.shape = info.shape;
     e.source = file + ":" + info.name;
     const sf::TensorInfo* ip = f->find(info.name);
-    e.read = [f, ip](torch::ScalarType dt) { return tensor_from_safetensors(*f, *ip, dt); };
+    auto bytes = bytes_read_;
+    e.read = [f, ip, bytes](torch::ScalarType dt) {
+      *bytes += ip->end - ip->begin;
+      return tensor_from_safetensors(*f, *ip, dt);
+    };
+    e.read_index = [f, ip, bytes](torch::ScalarType dt, int64_t dim, const std::vector<int64_t>& index) {
+      return slice_from_safetensors(*f, *ip, dt, dim, index, bytes.get());
+    };
     entries_.emplace(info.name, std::move(e));
   }
 }
@@ -212,6 +256,9 @@ void CheckpointReader::map_hf_names() {
     fused.source = parts[0]->source + " (+key, value)";
     auto q = parts[0]->read, k = parts[1]->read, v = parts[2]->read;
     fused.read = [q, k, v](torch::ScalarType dt) { return torch::cat({q(dt), k(dt), v(dt)}, 0); };
+    fused.read_index = [read = fused.read](torch::ScalarType dt, int64_t dim, const std::vector<int64_t>& index) {
+      return read(dt).index_select(dim, torch::tensor(index, torch::kInt64));
+    };
     out[name] = std::move(fused);
   }
   entries_ = std::move(out);
@@ -235,9 +282,30 @@ torch::Tensor CheckpointReader::read(const std::string& name, torch::ScalarType 
   return it->second.read(dtype);
 }
 
+torch::Tensor CheckpointReader::read(const std::string& name, torch::ScalarType dtype, int64_t dim,
+                                     const std::vector<int64_t>& index) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw CheckpointError(path_ + ": no tensor '" + name + "'");
+  return it->second.read_index(dtype, dim, index);
+}
+
 std::string CheckpointReader::source(const std::string& name) const {
   auto it = entries_.find(name);
   return it == entries_.end() ? path_ + ":" + name : it->second.source;
+}
+
+KeyFilter keys_of_other_stages(const StagePart& part, const std::string& prefix) {
+  return [part, prefix](const std::string& full) {
+    if (!starts_with(full, prefix)) return false;
+    const std::string key = full.substr(prefix.size());
+    if (starts_with(key, "blocks.")) {
+      const int64_t i = std::atoll(key.c_str() + 7);
+      return i < part.first_block || i >= part.end_block;
+    }
+    if (starts_with(key, "patch_embed.") || key == "cls_token" || key == "pos_embed") return !part.embed;
+    if (starts_with(key, "norm.") || starts_with(key, "fc_norm.") || starts_with(key, "head.")) return !part.head;
+    return false;
+  };
 }
 
 // --- model state ------------------------------------------------------------------
@@ -256,7 +324,7 @@ ShapeList shapes_of(const std::vector<std::pair<std::string, torch::Tensor>>& te
 }
 
 void check_fits(const ShapeList& expected, const CheckpointReader& reader, const std::string& key_prefix,
-                const std::string& ignore_prefix) {
+                const std::string& ignore_prefix, const KeyFilter& elsewhere) {
   std::vector<std::string> problems;
   std::set<std::string> names;
   for (const auto& [name, shape] : expected) {
@@ -270,7 +338,8 @@ void check_fits(const ShapeList& expected, const CheckpointReader& reader, const
     }
   }
   for (const auto& key : reader.names())
-    if (!names.count(key) && (ignore_prefix.empty() || key.rfind(ignore_prefix, 0) != 0)) problems.push_back("unexpected key " + key + " (shape " + shape_str(reader.shape(key)) + ")");
+    if (!names.count(key) && (ignore_prefix.empty() || key.rfind(ignore_prefix, 0) != 0) && !(elsewhere && elsewhere(key)))
+      problems.push_back("unexpected key " + key + " (shape " + shape_str(reader.shape(key)) + ")");
   if (problems.empty()) return;
   std::string msg = reader.path() + " does not fit the model: " + std::to_string(problems.size()) + " problem" +
                     (problems.size() > 1 ? "s" : "") + ": ";
@@ -278,11 +347,21 @@ void check_fits(const ShapeList& expected, const CheckpointReader& reader, const
   throw CheckpointError(msg);
 }
 
-void load_state(torch::nn::Module& module, const CheckpointReader& reader) {
+void load_state(torch::nn::Module& module, const CheckpointReader& reader, const ShardMap& shards,
+                const KeyFilter& elsewhere) {
   auto state = state_of(module);
-  check_fits(shapes_of(state), reader);  // nothing is modified unless everything fits
+  if (elsewhere)  // the module's own tensors that the caller leaves out (e.g. a new task's head)
+    state.erase(std::remove_if(state.begin(), state.end(), [&](const auto& e) { return elsewhere(e.first); }), state.end());
+  ShapeList expected = shapes_of(state);
+  for (auto& [name, shape] : expected)
+    if (auto it = shards.find(name); it != shards.end()) shape = it->second.full_shape;
+  check_fits(expected, reader, "", "", elsewhere);  // nothing is modified unless everything fits
   torch::NoGradGuard no_grad;
-  for (auto& [name, t] : state) t.copy_(reader.read(name, t.scalar_type()));
+  for (auto& [name, t] : state) {
+    auto it = shards.find(name);
+    t.copy_(it == shards.end() ? reader.read(name, t.scalar_type())
+                               : reader.read(name, t.scalar_type(), it->second.dim, it->second.index));
+  }
 }
 
 void save_tensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,

@@ -1,6 +1,7 @@
 #include "models/vit.h"
 
 #include <cmath>
+#include <stdexcept>
 
 namespace shardtune {
 
@@ -38,15 +39,54 @@ void trunc_normal_(torch::Tensor t, double std) {
 
 // --- DenseLinear ---------------------------------------------------------------------
 
-DenseLinear::DenseLinear(int64_t in_features, int64_t out_features, bool with_bias) {
-  weight = register_parameter("weight", torch::empty({out_features, in_features}));
-  if (with_bias) bias = register_parameter("bias", torch::zeros({out_features}));
+DenseLinear::DenseLinear(int64_t in, int64_t out, bool with_bias) : in_features(in), out_features(out) {
+  weight = register_parameter("weight", torch::empty({out, in}));
+  if (with_bias) bias = register_parameter("bias", torch::zeros({out}));
 }
 
 // Parameters follow the input's dtype (cast_like): with bf16 compute, frozen weights are
 // stored in bf16 and trainable ones in fp32, cast on use so their gradients arrive in fp32.
 
-torch::Tensor DenseLinear::forward(const torch::Tensor& x) { return torch::linear(x, cast_like(weight, x), cast_like(bias, x)); }
+torch::Tensor DenseLinear::enter(const torch::Tensor& x) const { return split == Split::Rows ? tp->enter(x) : x; }
+
+torch::Tensor DenseLinear::local(const torch::Tensor& x) const {
+  torch::Tensor b = split == Split::Cols ? torch::Tensor() : out_rows(region(bias));
+  return torch::linear(x, cast_like(weight, x), cast_like(b, x));
+}
+
+torch::Tensor DenseLinear::leave(const torch::Tensor& y) const {
+  if (split != Split::Cols) return y;
+  torch::Tensor sum = tp->reduce(y);
+  return bias.defined() ? sum + cast_like(bias, sum) : sum;
+}
+
+torch::Tensor DenseLinear::region(const torch::Tensor& p) const {
+  return split == Split::None || !p.defined() ? p : tp->enter(p);
+}
+
+torch::Tensor DenseLinear::out_rows(const torch::Tensor& t, int64_t offset) const {
+  if (split != Split::Rows || !t.defined()) return t;
+  auto [start, count] = local_range(offset, t.size(0));
+  return t.index_select(0, shard_index.narrow(0, start, count) - offset);
+}
+
+torch::Tensor DenseLinear::in_cols(const torch::Tensor& t, int64_t dim) const {
+  return split == Split::Cols ? t.index_select(dim, shard_index) : t;
+}
+
+std::pair<int64_t, int64_t> DenseLinear::local_range(int64_t offset, int64_t n) const {
+  if (split != Split::Rows) return {offset, n};
+  // shard_index ascends: the held rows inside [offset, offset + n) are one run of it.
+  const auto* idx = shard_index.data_ptr<int64_t>();
+  const int64_t len = shard_index.numel();
+  int64_t start = 0;
+  while (start < len && idx[start] < offset) ++start;
+  int64_t end = start;
+  while (end < len && idx[end] < offset + n) ++end;
+  return {start, end - start};
+}
+
+torch::Tensor DenseLinear::output_param(const torch::Tensor& p) const { return out_rows(region(p)); }
 
 LayerNormOp::LayerNormOp(int64_t w) : width(w) {
   weight = register_parameter("weight", torch::ones({w}));
@@ -54,7 +94,7 @@ LayerNormOp::LayerNormOp(int64_t w) : width(w) {
 }
 
 torch::Tensor LayerNormOp::forward(const torch::Tensor& x) {
-  return torch::layer_norm(x, {width}, cast_like(weight, x), cast_like(bias, x), kLayerNormEps);
+  return torch::layer_norm(x, {width}, cast_like(output_param(weight), x), cast_like(output_param(bias), x), kLayerNormEps);
 }
 
 // --- Slots -----------------------------------------------------------------------------
@@ -68,9 +108,9 @@ std::vector<Slot> slots(VisionTransformerImpl& m) {
     if (*member) out.push_back({prefix + name, kind, owner, name, member});
   };
   using K = Slot::Kind;
-  for (size_t i = 0; i < m.blocks->size(); ++i) {
-    BlockImpl* b = m.blocks->ptr<BlockImpl>(i).get();
-    const std::string p = "blocks." + std::to_string(i) + ".";
+  for (size_t i = 0; i < m.num_blocks(); ++i) {
+    BlockImpl* b = m.block(i).get();
+    const std::string p = "blocks." + std::to_string(m.block_index(i)) + ".";
     add(p, K::Norm, b, "norm1", &b->norm1);
     add(p + "attn.", K::Linear, b->attn.get(), "qkv", &b->attn->qkv);
     add(p + "attn.", K::Norm, b->attn.get(), "q_norm", &b->attn->q_norm);
@@ -166,28 +206,50 @@ torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& images) {
 
 // --- VisionTransformer -----------------------------------------------------------------
 
-VisionTransformerImpl::VisionTransformerImpl(const ViTConfig& c) : config(c) {
+StagePart StagePart::of(const ViTConfig& c, int stage, int stages) {
+  StagePart p;
+  p.first_block = c.depth * stage / stages;
+  p.end_block = c.depth * (stage + 1) / stages;
+  p.embed = stage == 0;
+  p.head = stage == stages - 1;
+  return p;
+}
+
+VisionTransformerImpl::VisionTransformerImpl(const ViTConfig& c, const StagePart& stage, bool init)
+    : config(c), part(stage) {
   config.validate();
-  patch_embed = register_module("patch_embed", PatchEmbed(c));
-  cls_token = register_parameter("cls_token", torch::zeros({1, 1, c.dim}));
-  pos_embed = register_parameter("pos_embed", torch::zeros({1, c.num_tokens(), c.dim}));
-  blocks = register_module("blocks", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.depth; ++i) blocks->push_back(Block(c));
-  if (c.global_pool == "avg") {
-    fc_norm = register_module("fc_norm", layer_norm(c.dim));
-  } else {
-    norm = register_module("norm", layer_norm(c.dim));
+  if (part.first_block < 0 || part.end_block > c.depth || part.first_block > part.end_block)
+    throw std::invalid_argument("blocks [" + std::to_string(part.first_block) + ", " + std::to_string(part.end_block) +
+                                ") are not inside model.depth=" + std::to_string(c.depth));
+  // Uninitialised storage (empty) stays untouched until written, so a rank that replaces a
+  // layer by its shard or loads a checkpoint never makes the full tensor resident.
+  if (part.embed) {
+    patch_embed = register_module("patch_embed", PatchEmbed(c));
+    cls_token = register_parameter("cls_token", torch::empty({1, 1, c.dim}));
+    pos_embed = register_parameter("pos_embed", torch::empty({1, c.num_tokens(), c.dim}));
   }
-  if (c.num_classes > 0) head = register_module("head", std::make_shared<DenseLinear>(c.dim, c.num_classes, true));
-  init_weights();
+  blocks = register_module("blocks", std::make_shared<torch::nn::Module>());
+  for (int64_t i = part.first_block; i < part.end_block; ++i)
+    stage_blocks.push_back(blocks->register_module(std::to_string(i), Block(c)));
+  if (part.head) {
+    if (c.global_pool == "avg") {
+      fc_norm = register_module("fc_norm", layer_norm(c.dim));
+    } else {
+      norm = register_module("norm", layer_norm(c.dim));
+    }
+    if (c.num_classes > 0) head = register_module("head", std::make_shared<DenseLinear>(c.dim, c.num_classes, true));
+  }
+  if (init) init_weights();
 }
 
 void VisionTransformerImpl::init_weights() {
   torch::NoGradGuard no_grad;
-  trunc_normal_(pos_embed, 0.02);
-  cls_token.normal_(0.0, 1e-6);
-  patch_embed->proj->reset_parameters();  // PyTorch's default conv init, as timm keeps it
-  for (size_t i = 0; i < blocks->size(); ++i) {
+  if (part.embed) {
+    trunc_normal_(pos_embed, 0.02);
+    cls_token.normal_(0.0, 1e-6);
+    patch_embed->proj->reset_parameters();  // PyTorch's default conv init, as timm keeps it
+  }
+  for (size_t i = 0; i < num_blocks(); ++i) {
     Block b = block(i);
     for (const auto* op : {&b->norm1, &b->norm2, &b->attn->q_norm, &b->attn->k_norm, &b->attn->qkv, &b->attn->proj,
                            &b->mlp->fc1, &b->mlp->fc2})
@@ -216,10 +278,10 @@ torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {
   return head ? head->forward(pooled) : pooled;
 }
 
-torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& images) {
-  torch::Tensor x = embed(images);
-  for (size_t i = 0; i < blocks->size(); ++i) x = block(i)->forward(x);
-  return head_forward(x);
+torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& input) {
+  torch::Tensor x = part.embed ? embed(input) : input;
+  for (auto& b : stage_blocks) x = b->forward(x);
+  return part.head ? head_forward(x) : x;
 }
 
 }  // namespace shardtune

@@ -16,30 +16,76 @@
 
 namespace shardtune {
 
+// --- Tensor-parallel regions ----------------------------------------------------------
+// The two conjugate operations of a tensor-parallel region (Megatron's f and g), provided
+// by sharding/ when a layer is sharded; the model only calls them.
+struct TensorParallel {
+  virtual ~TensorParallel() = default;
+  // f: identity forward, gradient summed over the tp group backward. Applied to what
+  // enters a region replicated (activations, and parameters used inside the region).
+  virtual torch::Tensor enter(const torch::Tensor& x) const = 0;
+  // g: sum over the tp group forward, identity backward. Applied to partial sums leaving it.
+  virtual torch::Tensor reduce(const torch::Tensor& x) const = 0;
+  int rank = 0, size = 1;
+};
+
 // --- Replaceable layers -------------------------------------------------------------
 // Every projection and LayerNorm is called through `Op`, so that tensor parallelism
 // (column/row-parallel linears) and PEFT (LoRA/SSF wrapping the base layer, adapters, ...)
 // can swap implementations after construction without the model knowing (see Slot).
 struct Op : torch::nn::Module {
   virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+  // A parameter acting per output channel on forward()'s output (dim 0 = channels), as
+  // this rank uses it: itself, or under tensor parallelism the channels this rank's
+  // output holds, with gradients summed over the tp group.
+  virtual torch::Tensor output_param(const torch::Tensor& p) const { return p; }
 };
 
 // y = x W^T + b: weight [out, in], optional bias [out].
+//
+// Tensor parallelism (set by sharding::parallelize, none by default) keeps the full bias
+// but only a shard of the weight: split Rows (column-parallel: this rank's output rows,
+// `shard_index`, input replicated) or Cols (row-parallel: this rank's input columns,
+// partial outputs summed, then the bias). forward(x) = leave(local(enter(x))); a wrapper
+// adding a term to the output adds it between local and leave, i.e. before the sum.
 struct DenseLinear : Op {
+  enum class Split { None, Rows, Cols };
   DenseLinear(int64_t in_features, int64_t out_features, bool with_bias);
-  torch::Tensor forward(const torch::Tensor& x) override;
+  torch::Tensor forward(const torch::Tensor& x) override { return leave(local(enter(x))); }
+  torch::Tensor output_param(const torch::Tensor& p) const override;
+
+  torch::Tensor enter(const torch::Tensor& x) const;  // f for Rows
+  torch::Tensor local(const torch::Tensor& x) const;  // this rank's GEMM (+ its bias rows for Rows)
+  torch::Tensor leave(const torch::Tensor& y) const;  // g + bias for Cols
+  // A parameter used inside the region: f (its gradient summed over tp); itself when not split.
+  torch::Tensor region(const torch::Tensor& p) const;
+  // Rows of `t` (dim 0 = full output rows offset .. offset + t.size(0)) that this rank's
+  // output holds (Rows); `t` itself otherwise.
+  torch::Tensor out_rows(const torch::Tensor& t, int64_t offset = 0) const;
+  // This rank's input columns of `t` along `dim` (Cols); `t` itself otherwise.
+  torch::Tensor in_cols(const torch::Tensor& t, int64_t dim) const;
+  // Where full output rows [offset, offset + n) sit in this rank's output: (start, count).
+  std::pair<int64_t, int64_t> local_range(int64_t offset, int64_t n) const;
+  int64_t full_out() const { return out_features; }
 
   torch::Tensor weight;
-  torch::Tensor bias;  // undefined without bias
+  torch::Tensor bias;  // undefined without bias; never sharded
+  int64_t in_features, out_features;  // of the whole layer
+  Split split = Split::None;
+  torch::Tensor shard_index;  // int64: full rows (Rows) or columns (Cols) held, ascending
+  std::shared_ptr<TensorParallel> tp;
 };
 
-// LayerNorm over the last dim, eps 1e-6 (timm's ViT): weight [D], bias [D].
+// LayerNorm over the last dim, eps 1e-6 (timm's ViT): weight [D], bias [D]. Inside a
+// tensor-parallel region (qk_norm under tp) `tp` is set and its parameters enter through f.
 struct LayerNormOp : Op {
   explicit LayerNormOp(int64_t width);
   torch::Tensor forward(const torch::Tensor& x) override;
+  torch::Tensor output_param(const torch::Tensor& p) const override { return tp ? tp->enter(p) : p; }
 
   int64_t width;
   torch::Tensor weight, bias;
+  std::shared_ptr<TensorParallel> tp;
 };
 
 // Extends attention keys and values (prefix tuning): k, v [B, H, N, hd] -> [B, H, L+N, hd].
@@ -54,7 +100,15 @@ struct AttentionImpl : torch::nn::Module {
   explicit AttentionImpl(const ViTConfig& c);
   torch::Tensor forward(const torch::Tensor& x);
 
+  // This rank's heads, from head `first_head` (tensor parallelism: heads / tp of them).
+  // A per-head parameter p (heads along `dim`) as this rank uses it.
+  torch::Tensor local_heads(const torch::Tensor& p, int64_t dim) const {
+    return tp ? tp->enter(p).narrow(dim, first_head, heads) : p;
+  }
+
   int64_t heads;  // local heads: heads / tp under tensor parallelism
+  int64_t first_head = 0;
+  std::shared_ptr<TensorParallel> tp;  // set when the heads are sharded
   double scale;
   std::shared_ptr<Op> qkv, proj;
   std::shared_ptr<Op> q_norm, k_norm;  // only with qk_norm
@@ -101,11 +155,24 @@ struct PatchEmbedImpl : torch::nn::Module {
 TORCH_MODULE(PatchEmbed);
 
 // --- VisionTransformer ------------------------------------------------------------------
-struct VisionTransformerImpl : torch::nn::Module {
-  explicit VisionTransformerImpl(const ViTConfig& c);
+// The part of the model one pipeline stage builds: blocks [first_block, end_block), the
+// patch embedding on the first stage, the final norm and head on the last.
+struct StagePart {
+  int64_t first_block = 0, end_block = 0;
+  bool embed = true, head = true;
+  static StagePart whole(const ViTConfig& c) { return {0, c.depth, true, true}; }
+  // Stage `stage` of `stages`: consecutive blocks, balanced (sizes differ by at most one).
+  static StagePart of(const ViTConfig& c, int stage, int stages);
+};
 
-  // images: [B, C, H, W] -> logits [B, num_classes] (pooled features [B, D] when num_classes = 0)
-  torch::Tensor forward(const torch::Tensor& images);
+struct VisionTransformerImpl : torch::nn::Module {
+  // `init` false leaves the weights uninitialised (untouched memory) for a checkpoint to fill.
+  explicit VisionTransformerImpl(const ViTConfig& c) : VisionTransformerImpl(c, StagePart::whole(c)) {}
+  VisionTransformerImpl(const ViTConfig& c, const StagePart& part, bool init = true);
+
+  // images [B, C, H, W] (or, without the embedding, tokens [B, T, D]) -> logits
+  // [B, num_classes] (pooled features [B, D] when num_classes = 0; tokens without the head)
+  torch::Tensor forward(const torch::Tensor& input);
 
   // The three parts of forward, for pipeline stages:
   torch::Tensor embed(const torch::Tensor& images);  // -> tokens [B, N+1, D], cls first
@@ -117,16 +184,21 @@ struct VisionTransformerImpl : torch::nn::Module {
   void init_weights();
 
   ViTConfig config;
-  PatchEmbed patch_embed{nullptr};
+  StagePart part;
+  PatchEmbed patch_embed{nullptr};              // first stage only, as cls_token and pos_embed
   torch::Tensor cls_token;                      // [1, 1, D]
   torch::Tensor pos_embed;                      // [1, N+1, D]
-  torch::nn::ModuleList blocks{nullptr};
+  std::shared_ptr<torch::nn::Module> blocks;    // children named by their global index
   std::shared_ptr<Op> norm;     // global_pool = token
   std::shared_ptr<Op> fc_norm;  // global_pool = avg
   std::shared_ptr<Op> head;     // absent when num_classes = 0
   int64_t num_prefix_tokens = 1;  // cls (+ prompts a PEFT method inserts); avg pooling skips them
 
-  Block block(size_t i) const { return Block(blocks->ptr<BlockImpl>(i)); }
+  std::vector<Block> stage_blocks;              // this stage's blocks, in order
+
+  size_t num_blocks() const { return stage_blocks.size(); }
+  Block block(size_t i) const { return stage_blocks[i]; }  // i-th block of this stage
+  int64_t block_index(size_t i) const { return part.first_block + static_cast<int64_t>(i); }  // global
 };
 TORCH_MODULE(VisionTransformer);
 

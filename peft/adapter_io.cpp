@@ -94,9 +94,9 @@ void check_adapter_fits(const AdapterConfig& adapter, const ViTConfig& model, co
     throw std::runtime_error(dir + "/adapter_config.json: the adapter was made for another backbone: " + diffs);
 }
 
-void load_adapter_weights(const std::string& dir, const PeftState& state) {
+void load_adapter_weights(const std::string& dir, const PeftState& state, const KeyFilter& elsewhere) {
   CheckpointReader reader(dir + "/adapter_model.safetensors");
-  check_fits(shapes_of(state.trainable), reader, kAdapterKeyPrefix);
+  check_fits(shapes_of(state.trainable), reader, kAdapterKeyPrefix, "", elsewhere);
   torch::NoGradGuard no_grad;
   for (auto [name, t] : state.trainable) t.copy_(reader.read(kAdapterKeyPrefix + name, t.scalar_type()));
 }

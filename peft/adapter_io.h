@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "models/checkpoint.h"
 #include "models/vit_config.h"
 #include "peft/method.h"
 #include "peft/peft_config.h"
@@ -33,7 +34,8 @@ void check_adapter_fits(const AdapterConfig& adapter, const ViTConfig& model, co
 
 // Copies DIR/adapter_model.safetensors into the trainable parameters of an injected
 // model. Missing keys, unexpected keys and shape mismatches are listed in one error.
-void load_adapter_weights(const std::string& dir, const PeftState& state);
+// Keys `elsewhere` accepts (full keys, other pipeline stages' tensors) are not unexpected.
+void load_adapter_weights(const std::string& dir, const PeftState& state, const KeyFilter& elsewhere = nullptr);
 
 json::Value vit_config_to_json(const ViTConfig& c);
 ViTConfig vit_config_from_json(const json::Value& v, const std::string& source);

@@ -88,6 +88,11 @@ std::vector<Slot> target_slots(VisionTransformerImpl& model, const PeftConfig& c
 // Output width of a slot's layer (DenseLinear rows or LayerNorm width).
 int64_t out_features(Op& op);
 
+// Seeds torch's global generator for the parameters a method creates at `path`, from the
+// seed apply_peft was called with and the path, so a pipeline stage that builds only some
+// blocks draws the same initial values as one process building them all.
+void seed_peft_init(const std::string& path);
+
 // torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)).
 void kaiming_uniform_linear_(torch::Tensor w);
 

@@ -54,13 +54,27 @@ int64_t PeftState::trainable_count() const {
   return n;
 }
 
+namespace {
+uint64_t g_peft_seed = 0;
+}
+
+void seed_peft_init(const std::string& path) {
+  uint64_t h = 1469598103934665603ull ^ g_peft_seed;  // FNV-1a over the seed and the path
+  for (unsigned char ch : path) h = (h ^ ch) * 1099511628211ull;
+  torch::manual_seed(h >> 1);
+}
+
 PeftState apply_peft(VisionTransformerImpl& model, const PeftConfig& cfg) {
   const Method& method = MethodRegistry::instance().get(cfg.method);
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  g_peft_seed = gen.current_seed();
+  const torch::Tensor before = gen.get_state();
   PeftState state;
   state.method = cfg.method;
   for (const auto& p : model.parameters()) state.base_params.push_back(p);
 
   ParamList owned = method.inject(model, cfg);
+  gen.set_state(before);  // what follows (e.g. dropout) does not depend on the method's draws
 
   for (auto& p : model.parameters()) p.requires_grad_(false);
   for (auto& p : owned) p.requires_grad_(true);
@@ -135,7 +149,7 @@ std::vector<Slot> target_slots(VisionTransformerImpl& model, const PeftConfig& c
 }
 
 int64_t out_features(Op& op) {
-  if (auto* d = dynamic_cast<DenseLinear*>(&op)) return d->weight.size(0);
+  if (auto* d = dynamic_cast<DenseLinear*>(&op)) return d->out_features;
   if (auto* n = dynamic_cast<LayerNormOp*>(&op)) return n->width;
   throw std::logic_error("PEFT can only wrap a plain Linear or LayerNorm");
 }

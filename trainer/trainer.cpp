@@ -19,6 +19,7 @@
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
+#include "sharding/stage_model.h"
 
 namespace shardtune {
 
@@ -55,56 +56,41 @@ double reduce(ProcessGroup& g, double v, ReduceOp op) {
   return t.item<double>();
 }
 
-struct Built {
-  VisionTransformer model{nullptr};
-  PeftState peft;
-};
-
-// load -> (parallelize: not yet) -> inject PEFT -> freeze, the fixed order.
 torch::ScalarType compute_dtype(const RunSpec& spec) {
   return spec.train.precision == "bf16" ? torch::kBFloat16 : torch::kFloat32;
 }
 
-Built build_model(const RunSpec& spec, const std::string& adapter_dir = "") {
-  Built b;
-  torch::manual_seed(spec.train.seed);
-  b.model = VisionTransformer(spec.model);
-  if (!spec.checkpoint.empty()) {
-    CheckpointReader reader(spec.checkpoint);
-    if (spec.load_head) {
-      load_state(*b.model, reader);
-    } else {  // a new task: keep the freshly initialised head, ignore the checkpoint's
-      std::vector<std::pair<std::string, torch::Tensor>> body;
-      for (auto& [k, v] : state_of(*b.model))
-        if (k.rfind("head.", 0) != 0) body.emplace_back(k, v);
-      check_fits(shapes_of(body), reader, "", /*ignore_prefix=*/"head.");
-      torch::NoGradGuard g;
-      for (auto& [k, v] : body) v.copy_(reader.read(k, v.scalar_type()));
-    }
-  }
-  torch::manual_seed(spec.train.seed + 1);  // PEFT init: same on every rank, independent of the mesh
-  b.peft = apply_peft(*b.model, spec.peft);
-  if (!adapter_dir.empty()) load_adapter_weights(adapter_dir, b.peft);
-  if (spec.train.precision == "bf16") cast_frozen(*b.model, torch::kBFloat16);
-  return b;
+StageModel build(const RunSpec& spec, const Mesh& mesh, const std::string& adapter_dir = "") {
+  ModelSpec m;
+  m.model = spec.model;
+  m.checkpoint = spec.checkpoint;
+  m.load_head = spec.load_head;
+  m.peft = spec.peft;
+  m.adapter_dir = adapter_dir;
+  m.seed = spec.train.seed;
+  m.precision = spec.train.precision;
+  return build_stage_model(m, mesh);
 }
 
-// Top-1 over `ds`, each dp rank taking a contiguous share (all dp ranks call it).
-double top1(VisionTransformer& model, const Dataset& ds, const RunSpec& spec, const Mesh& mesh) {
+// Top-1 over `ds`, each dp rank taking a contiguous share through the pipeline stages
+// (all ranks call it).
+double top1(StageModel& b, const Dataset& ds, const RunSpec& spec, const Mesh& mesh) {
   if (ds.size() == 0) return std::nan("");
   torch::NoGradGuard no_grad;
-  const bool was_training = model->is_training();
-  model->eval();
+  const bool was_training = b.model->is_training();
+  b.model->eval();
   const int64_t n = ds.size(), dp = mesh.dims.dp, r = mesh.dp_rank();
   const int64_t begin = n * r / dp, end = n * (r + 1) / dp;
   double correct = 0;
+  auto forward = [&](const torch::Tensor& x) { return b.model->forward(x); };
   for (int64_t i = begin; i < end; i += 256) {
     torch::Tensor idx = torch::arange(i, std::min(end, i + 256), torch::kInt64);
-    torch::Tensor logits = model->forward(preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)));
-    correct += logits.argmax(1).eq(ds.labels.index_select(0, idx)).sum().item<double>();
+    torch::Tensor images = b.role.first() ? preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)) : torch::Tensor();
+    torch::Tensor logits = pipeline_forward(images, b.role, forward, mesh.pp.get());
+    if (b.role.last()) correct += logits.argmax(1).eq(ds.labels.index_select(0, idx)).sum().item<double>();
   }
-  model->train(was_training);
-  return reduce(*mesh.dp, correct, ReduceOp::Sum) / static_cast<double>(n);
+  b.model->train(was_training);
+  return reduce(*mesh.dp, reduce(*mesh.pp, correct, ReduceOp::Sum), ReduceOp::Sum) / static_cast<double>(n);
 }
 
 // --- checkpoints ----------------------------------------------------------------------------
@@ -117,17 +103,35 @@ void fsync_file(const std::string& path) {
   }
 }
 
-// checkpoints/step_N: adapter/, optimizer.pt, rng.safetensors, trainer_state.json. Written
-// into a temporary directory, fsynced, then renamed, so a crash never leaves a torn one.
-void save_checkpoint(const RunSpec& spec, const Built& b, torch::optim::Optimizer& opt, int64_t step) {
+// The optimizer state file of this rank's pipeline stage.
+std::string optimizer_file(const Mesh& mesh) {
+  return mesh.dims.pp == 1 ? "optimizer.pt" : "optimizer_stage" + std::to_string(mesh.pp_rank()) + ".pt";
+}
+
+// checkpoints/step_N: adapter/ (every stage's tensors, gathered), optimizer.pt (one file
+// per pipeline stage), rng.safetensors, trainer_state.json. Written into a temporary
+// directory, fsynced, then renamed by rank 0, so a crash never leaves a torn one. All
+// ranks call it.
+void save_checkpoint(const RunSpec& spec, const StageModel& b, torch::optim::Optimizer* opt, int64_t step,
+                     const Mesh& mesh) {
   const fs::path root = fs::path(spec.output.dir) / "checkpoints";
   const fs::path final_dir = root / ("step_" + std::to_string(step));
-  const fs::path tmp = root / ("step_" + std::to_string(step) + ".tmp." + std::to_string(::getpid()));
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  save_adapter((tmp / "adapter").string(), b.peft, spec.peft, spec.model);
-  torch::save(opt, (tmp / "optimizer.pt").string());
-  fsync_file((tmp / "optimizer.pt").string());
+  const fs::path tmp = root / ("step_" + std::to_string(step) + ".tmp");
+  const bool rank0 = mesh.rank == 0;
+  if (rank0) {
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  }
+  mesh.world->barrier();
+  if (mesh.dp_rank() == 0 && mesh.tp_rank() == 0 && opt) {  // one writer per stage
+    const std::string f = (tmp / optimizer_file(mesh)).string();
+    torch::save(*opt, f);
+    fsync_file(f);
+  }
+  auto adapter = gather_trainable(b, mesh);
+  mesh.world->barrier();
+  if (!rank0) return;
+  save_adapter((tmp / "adapter").string(), PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
   save_tensors((tmp / "rng.safetensors").string(), {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
   json::Value state;
   state.set("step", step);
@@ -170,13 +174,20 @@ std::string resume_path(const RunSpec& spec) {
   return path;
 }
 
-int64_t load_checkpoint(const std::string& dir, Built& b, torch::optim::Optimizer& opt, const RunSpec& spec) {
+int64_t load_checkpoint(const std::string& dir, StageModel& b, torch::optim::Optimizer* opt, const RunSpec& spec,
+                        const Mesh& mesh) {
   json::Value state = json::parse(io::read_text(dir + "/trainer_state.json"));
   if (state.at("method").as_string() != spec.peft.method)
     throw std::invalid_argument(dir + ": checkpoint of peft.method=" + state.at("method").as_string() +
                                 ", this run uses peft.method=" + spec.peft.method);
-  load_adapter_weights(dir + "/adapter", b.peft);
-  torch::load(opt, dir + "/optimizer.pt");
+  load_adapter_weights(dir + "/adapter", b.peft,
+                       keys_of_other_stages(StagePart::of(spec.model, mesh.pp_rank(), mesh.dims.pp), kAdapterKeyPrefix));
+  if (opt) {
+    const std::string f = dir + "/" + optimizer_file(mesh);
+    if (!fs::exists(f))
+      throw std::invalid_argument(f + " is missing: was the checkpoint written with another parallel.pp?");
+    torch::load(*opt, f);
+  }
   at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
   gen.set_state(CheckpointReader(dir + "/rng.safetensors").read("cpu", torch::kUInt8));
   return state.at("step").as_int64();
@@ -233,21 +244,23 @@ void install_stop_signal_handlers() {
 }
 
 double train(const RunSpec& spec, const Mesh& mesh) {
-  if (mesh.dims.tp > 1 || mesh.dims.pp > 1)
-    throw std::invalid_argument("parallel.tp=" + std::to_string(mesh.dims.tp) + " parallel.pp=" +
-                                std::to_string(mesh.dims.pp) + ": tensor and pipeline parallelism have not landed yet; use tp=1 pp=1");
   if (spec.peft.method == "none") throw std::invalid_argument("peft.method=none has nothing to train");
+  if (spec.peft.method == "full" && mesh.dims.tp > 1)
+    throw std::invalid_argument("peft.method=full with parallel.tp=" + std::to_string(mesh.dims.tp) +
+                                ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
   const bool rank0 = mesh.rank == 0;
   if (rank0) fs::create_directories(spec.output.dir);
   mesh.world->barrier();
 
   Splits data = load_splits(spec.data, spec.model);
-  Built b = build_model(spec);
+  StageModel b = build(spec, mesh);
   std::vector<torch::Tensor> params;
   for (const auto& [_, t] : b.peft.trainable) params.push_back(t);
-  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(spec.train.lr)
-                                      .betas({spec.train.beta1, spec.train.beta2})
-                                      .weight_decay(spec.train.weight_decay));
+  std::unique_ptr<torch::optim::AdamW> opt;  // a stage before every trainable parameter has none
+  if (!params.empty())
+    opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(spec.train.lr)
+                                                            .betas({spec.train.beta1, spec.train.beta2})
+                                                            .weight_decay(spec.train.weight_decay));
   GradSync sync(params, mesh.dp, spec.bucket_mb);
 
   const int64_t total =
@@ -255,60 +268,75 @@ double train(const RunSpec& spec, const Mesh& mesh) {
                             : spec.train.steps;
   int64_t step = 0;
   if (std::string from = resume_path(spec); !from.empty()) {
-    step = load_checkpoint(from, b, opt, spec);
+    step = load_checkpoint(from, b, opt.get(), spec, mesh);
     spdlog::info("resumed from {} at step {}", from, step);
   }
-  int64_t total_params = 0;
-  for (const auto& p : b.model->parameters()) total_params += p.numel();
-  spdlog::info("train: {} with {} on {} ({} train / {} val / {} test images), {} trainable of {} parameters, {} steps",
-               spec.model.arch, spec.peft.method, mesh.dims.str(), data.train.size(), data.val.size(),
-               data.test.size(), b.peft.trainable_count(), total_params, total);
+  // Counted over the stages, once per stage (tp ranks hold shards of the same tensors).
+  double local_params = 0, local_trainable = 0;
+  for (const auto& p : b.model->parameters()) local_params += static_cast<double>(p.numel());
+  for (const auto& p : params) local_trainable += static_cast<double>(p.numel());
+  const auto total_params = static_cast<int64_t>(spec.model.param_count());
+  const auto trainable_params = static_cast<int64_t>(reduce(*mesh.pp, local_trainable, ReduceOp::Sum));
+  spdlog::info("train: {} with {} on {} ({} train / {} val / {} test images), {} trainable of {} parameters, {} steps; "
+               "this rank: blocks [{}, {}), {:.0f} parameters",
+               spec.model.arch, spec.peft.method, mesh.dims.str(), data.train.size(), data.val.size(), data.test.size(),
+               trainable_params, total_params, total, b.model->part.first_block, b.model->part.end_block, local_params);
 
   Metrics metrics(spec.output.dir, rank0, step);
   Prefetcher prefetch(data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp);
   const bool tty = rank0 && ::isatty(STDERR_FILENO);
-  std::vector<double> step_times;
+  std::vector<double> step_times, wait_fractions;
   const int64_t first_step = step;
   bool stopped = false;
   b.model->train();
+  // Micro-batches: equal chunks of the local batch, each loss scaled by 1/m so the
+  // accumulated gradient is the whole batch's mean; the dp buckets launch during the last
+  // backward of the schedule.
+  const int64_t m = std::max<int64_t>(1, spec.microbatches);
+  const auto ops = pipeline_schedule(spec.schedule, b.role.stage, b.role.stages, static_cast<int>(m));
 
   while (step < total) {
     auto t0 = std::chrono::steady_clock::now();
     Batch batch = prefetch.get(step);
-    opt.zero_grad();
-    // Micro-batches: equal chunks of the local batch, each loss scaled by 1/m so the
-    // accumulated gradient is the whole batch's mean; the dp buckets launch during the
-    // last chunk's backward.
-    const int64_t m = std::max<int64_t>(1, spec.microbatches);
+    if (opt) opt->zero_grad();
     auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
     double local_loss = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      if (i == m - 1) sync.prepare_for_backward();
-      torch::Tensor logits = b.model->forward(images[i]).to(torch::kFloat32);
+    StageHooks hooks;
+    hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
+    hooks.forward = [&](const torch::Tensor& x) { return b.model->forward(x); };
+    hooks.loss = [&](int mb, const torch::Tensor& logits) {
       torch::Tensor loss = torch::nn::functional::cross_entropy(
-          logits, labels[i], torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
-      (loss / static_cast<double>(m)).backward();
+          logits.to(torch::kFloat32), labels[static_cast<size_t>(mb)],
+          torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
       local_loss += loss.item<double>() / static_cast<double>(m);
-    }
+      return loss / static_cast<double>(m);
+    };
+    hooks.before_last_backward = [&] { sync.prepare_for_backward(); };
+    PipelineTimes pt = run_pipeline(ops, b.role, hooks, mesh.pp.get());
     sync.finish();
+    wait_fractions.push_back(pt.total_s > 0 ? pt.wait_s / pt.total_s : 0.0);
 
-    const double global_loss = reduce(*mesh.dp, local_loss, ReduceOp::Avg);
+    // The loss lives on the last stage: summed over pp (others add 0), averaged over dp.
+    const double global_loss = reduce(*mesh.dp, reduce(*mesh.pp, local_loss, ReduceOp::Sum), ReduceOp::Avg);
     if (!std::isfinite(global_loss))
       throw std::runtime_error("train: the loss is " + std::to_string(global_loss) + " at step " + std::to_string(step + 1) +
                                "; stopping (the last checkpoint is intact)");
-    // Gradients are identical on every dp rank after the sync, so the local norm is global.
+    // Gradients are identical over dp (synced) and tp (summed in the regions): the norm
+    // sums over the stages only.
     double sq = 0;
     for (auto& p : params)
       if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
-    const double grad_norm = std::sqrt(sq);
+    const double grad_norm = std::sqrt(reduce(*mesh.pp, sq, ReduceOp::Sum));
     if (spec.train.grad_clip > 0 && grad_norm > spec.train.grad_clip) {
       torch::NoGradGuard g;
       for (auto& p : params)
         if (p.grad().defined()) p.mutable_grad().mul_(spec.train.grad_clip / (grad_norm + 1e-6));
     }
     const double lr = lr_at(spec.train, step, total);
-    for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-    opt.step();
+    if (opt) {
+      for (auto& group : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+      opt->step();
+    }
     ++step;
 
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -333,8 +361,8 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     if (spec.train.eval_every > 0 && step % spec.train.eval_every == 0 && step < total) {
       json::Value ev;
       ev.set("step", step);
-      ev.set("eval_top1", top1(b.model, data.test, spec, mesh));
-      if (data.val.size() > 0) ev.set("val_top1", top1(b.model, data.val, spec, mesh));
+      ev.set("eval_top1", top1(b, data.test, spec, mesh));
+      if (data.val.size() > 0) ev.set("val_top1", top1(b, data.val, spec, mesh));
       metrics.write(ev);
       if (tty) std::fprintf(stderr, "\n");
       spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
@@ -343,7 +371,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     // Every rank must agree to stop, or one would wait in the next step's collectives.
     const bool signalled = reduce(*mesh.world, g_stop_requested ? 1.0 : 0.0, ReduceOp::Max) > 0;
     const bool periodic = spec.output.checkpoint_every > 0 && step % spec.output.checkpoint_every == 0;
-    if (rank0 && (periodic || exit_now || signalled)) save_checkpoint(spec, b, opt, step);
+    if (periodic || exit_now || signalled) save_checkpoint(spec, b, opt.get(), step, mesh);
     if (exit_now || signalled) {
       if (tty) std::fprintf(stderr, "\n");
       spdlog::info("stopping at step {} ({}); resume with output.resume=auto", step,
@@ -355,22 +383,25 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   mesh.world->barrier();
   if (stopped) return std::nan("");
 
-  const double test_top1 = top1(b.model, data.test, spec, mesh);
-  const double val_top1 = top1(b.model, data.val, spec, mesh);
+  const double test_top1 = top1(b, data.test, spec, mesh);
+  const double val_top1 = top1(b, data.val, spec, mesh);
   const double rss = reduce(*mesh.world, peak_rss_mb(), ReduceOp::Max);
+  const double wait_fraction = reduce(*mesh.world, median(wait_fractions), ReduceOp::Max);
+  const double loaded_bytes = reduce(*mesh.world, static_cast<double>(b.checkpoint_bytes), ReduceOp::Max);
+  auto adapter = gather_trainable(b, mesh);
   if (rank0) {
     json::Value ev;
     ev.set("step", step);
     ev.set("eval_top1", test_top1);
     if (data.val.size() > 0) ev.set("val_top1", val_top1);
     metrics.write(ev);
-    save_adapter(spec.output.dir + "/adapter", b.peft, spec.peft, spec.model);
-    if (spec.peft.method == "full")  // a pretrained backbone in timm naming, for later fine-tuning
-      save_tensors(spec.output.dir + "/backbone.safetensors", backbone_state(*b.model, b.peft), {{"format", "pt"}});
+    save_adapter(spec.output.dir + "/adapter", PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
+    if (spec.peft.method == "full")  // a pretrained backbone in timm naming (every tensor is trainable)
+      save_tensors(spec.output.dir + "/backbone.safetensors", adapter, {{"format", "pt"}});
     json::Value summary;
     summary.set("eval_top1", test_top1);
     summary.set("val_top1", data.val.size() > 0 ? json::Value(val_top1) : json::Value(nullptr));
-    summary.set("trainable_params", b.peft.trainable_count());
+    summary.set("trainable_params", trainable_params);
     summary.set("total_params", total_params);
     summary.set("steps", step);
     const double st = median(step_times);
@@ -378,11 +409,16 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     summary.set("images_per_sec", st > 0 ? static_cast<double>(spec.data.batch_size) / st : 0.0);
     summary.set("peak_rss_mb", rss);
     summary.set("grad_sync_bytes_per_step", sync.bytes_per_step());
-    json::Value m;
-    m.set("dp", mesh.dims.dp);
-    m.set("tp", mesh.dims.tp);
-    m.set("pp", mesh.dims.pp);
-    summary.set("mesh", m);
+    summary.set("pipeline_wait_fraction", wait_fraction);
+    summary.set("pipeline_bubble_ideal", ideal_bubble(mesh.dims.pp, static_cast<int>(m)));
+    summary.set("checkpoint_bytes_read_max_rank", loaded_bytes);
+    json::Value mj;
+    mj.set("dp", mesh.dims.dp);
+    mj.set("tp", mesh.dims.tp);
+    mj.set("pp", mesh.dims.pp);
+    mj.set("microbatches", m);
+    mj.set("schedule", spec.schedule);
+    summary.set("mesh", mj);
     summary.set("precision", spec.train.precision);
     summary.set("method", spec.peft.method);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
@@ -397,8 +433,8 @@ double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, con
   RunSpec s = spec;
   s.peft = a.peft;
   Splits data = load_splits(s.data, s.model);
-  Built b = build_model(s, adapter_dir);
-  const double acc = top1(b.model, data.test, s, mesh);
+  StageModel b = build(s, mesh, adapter_dir);
+  const double acc = top1(b, data.test, s, mesh);
   if (mesh.rank == 0) {
     fs::create_directories(s.output.dir);
     json::Value out;

@@ -1,9 +1,11 @@
 // The training loop: `shardtune train` and `shardtune eval`.
 //
-// Mesh-aware from the start: the loop runs on a Mesh (dp x tp x pp). Today tp = pp = 1
-// (sharding has not landed); data parallelism is complete: each dp rank takes its slice of
-// the global batch, PEFT gradients are averaged in buckets, every rank steps the same
-// AdamW, and rank 0 writes the outputs.
+// The loop runs on a Mesh (dp x tp x pp): each rank builds its stage's shard of the model
+// (sharding/stage_model.h); a step runs the pipeline schedule over the micro-batches of the
+// dp rank's slice of the global batch (one stage: forward and backward per micro-batch);
+// tensor-parallel regions sum their partial results inside the layers; PEFT gradients are
+// averaged over dp in buckets; every rank steps AdamW on its stage's parameters; rank 0
+// gathers the adapter and writes the outputs.
 #pragma once
 
 #include <string>
@@ -48,6 +50,7 @@ struct RunSpec {
   OutputConfig output;
   double bucket_mb = 25.0;
   int64_t microbatches = 1;  // the local batch runs as this many chunks, gradients accumulated
+  std::string schedule = "1f1b";  // pipeline schedule: gpipe | 1f1b
 };
 
 // Trains on `mesh` (all ranks call it). Returns the final eval top-1.

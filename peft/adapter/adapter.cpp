@@ -28,6 +28,7 @@ struct Adapter : Method {
     ParamList owned;
     for (const Slot& s : slots(model)) {
       if (s.name != "proj" && s.name != "fc2") continue;
+      seed_peft_init(s.path);
       auto a = std::make_shared<SeriesAdapter>(*s.member, cfg.bottleneck);
       for (auto& p : a->b.params()) owned.push_back(p);
       s.replace(a);

@@ -22,8 +22,9 @@ struct AdaptFormer : Method {
   ParamList inject(VisionTransformerImpl& model, const PeftConfig& cfg) const override {
     if (!cfg.targets.empty()) throw std::invalid_argument("peft.targets is not used by peft.method=adaptformer");
     ParamList owned;
-    for (size_t i = 0; i < model.blocks->size(); ++i) {
+    for (size_t i = 0; i < model.num_blocks(); ++i) {
       auto block = model.block(i);
+      seed_peft_init("blocks." + std::to_string(model.block_index(i)) + ".adaptmlp");
       auto a = std::make_shared<ParallelAdapter>(model.config.dim, cfg.bottleneck, cfg.scale_or(0.1));
       block->mlp_side = block->register_module("adaptmlp", a);
       for (auto& p : a->b.params()) owned.push_back(p);

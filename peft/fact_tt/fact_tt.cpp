@@ -40,12 +40,16 @@ struct FactLinear : Op, Mergeable {
     W = columns ? W.permute({1, 0, 2}).reshape({D, pieces * D}) : W.reshape({pieces * D, D});
     return W * scale;
   }
+  // Under tensor parallelism: this rank's rows or columns of dW, gradients summed over tp.
+  torch::Tensor local_delta() const { return dense().out_rows(dense().in_cols(dense().region(delta()), 1)); }
   torch::Tensor forward(const torch::Tensor& x) override {
-    torch::Tensor y = base->forward(x);
-    return merged ? y : y + torch::linear(x, cast_like(delta(), x));
+    if (merged) return base->forward(x);
+    torch::Tensor xe = dense().enter(x);
+    return dense().leave(dense().local(xe) + torch::linear(xe, cast_like(local_delta(), xe)));
   }
-  void merge() override { static_cast<DenseLinear&>(*base).weight.add_(delta()); }
-  void unmerge() override { static_cast<DenseLinear&>(*base).weight.sub_(delta()); }
+  DenseLinear& dense() const { return static_cast<DenseLinear&>(*base); }
+  void merge() override { dense().weight.add_(local_delta().to(dense().weight.scalar_type())); }
+  void unmerge() override { dense().weight.sub_(local_delta().to(dense().weight.scalar_type())); }
 
   std::shared_ptr<FactFactors> factors;  // shared, registered once at the model root
   std::shared_ptr<Op> base;
@@ -59,6 +63,10 @@ struct FactTT : Method {
   ParamList inject(VisionTransformerImpl& model, const PeftConfig& cfg) const override {
     if (cfg.rank <= 0) throw std::invalid_argument("peft.rank=" + std::to_string(cfg.rank) + " must be positive");
     const int64_t D = model.config.dim;
+    if (model.part.first_block != 0 || model.part.end_block != model.config.depth)
+      throw std::invalid_argument("peft.method=fact_tt shares U, V and C across all blocks, so it needs every block on one "
+                                  "stage: use parallel.pp=1");
+    seed_peft_init("fact_tt");
     auto targets = target_slots(model, cfg, "re:.*", {Slot::Kind::Linear});
     struct Plan {
       Slot slot;
@@ -70,7 +78,7 @@ struct FactTT : Method {
     for (const Slot& s : targets) {
       auto* d = dynamic_cast<DenseLinear*>(&s.get());
       if (!d) throw std::logic_error("FacT-TT wraps a plain Linear");
-      const int64_t out = d->weight.size(0), in = d->weight.size(1);
+      const int64_t out = d->out_features, in = d->in_features;
       if (out % D || in % D || (out != D && in != D))
         throw std::invalid_argument("peft.method=fact_tt: " + s.path + " weight [" + std::to_string(out) + ", " +
                                     std::to_string(in) + "] is not a stack of " + std::to_string(D) + "x" +

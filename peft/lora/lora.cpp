@@ -3,6 +3,12 @@
 // base model. On a fused attn.qkv the update covers only the parts in peft.qkv_parts
 // (q and v by default, as in the VTAB-1k LoRA results), one (A, B) pair per part, named
 // lora_A_q / lora_B_q; elsewhere one pair over all rows, named lora_A / lora_B.
+//
+// Over a tensor-parallel base every rank keeps the full A and B and uses its part: over a
+// column-parallel base A whole and B's rows of this rank's outputs; over a row-parallel
+// base A's columns of this rank's inputs and B whole, the update added to the partial
+// output before the all-reduce. Both enter the region through f, so their gradients are
+// summed over the tp group.
 #include <stdexcept>
 
 #include "peft/method.h"
@@ -20,9 +26,9 @@ struct LoraLinear : Op, Mergeable {
   LoraLinear(std::shared_ptr<Op> base_op, const PeftConfig& cfg, const std::vector<std::pair<std::string, int64_t>>& parts)
       : scaling(cfg.alpha / static_cast<double>(cfg.rank)), dropout_p(cfg.dropout) {
     base = register_module("base_layer", std::move(base_op));
-    auto* dense = dynamic_cast<DenseLinear*>(base.get());
+    dense = dynamic_cast<DenseLinear*>(base.get());
     if (!dense) throw std::logic_error("LoRA wraps a plain Linear");
-    const int64_t in = dense->weight.size(1), out = dense->weight.size(0);
+    const int64_t in = dense->in_features, out = dense->out_features;
     const int64_t rows = parts.empty() ? out : out / 3;
     auto add_pair = [&](const std::string& suffix, int64_t offset) {
       auto a = register_module("lora_A" + suffix, std::make_shared<torch::nn::Module>());
@@ -37,26 +43,34 @@ struct LoraLinear : Op, Mergeable {
   }
 
   torch::Tensor forward(const torch::Tensor& x) override {
-    torch::Tensor y = base->forward(x);
-    if (merged) return y;
-    torch::Tensor xin = dropout_p > 0 ? torch::dropout(x, dropout_p, is_training()) : x;
+    if (merged) return base->forward(x);
+    torch::Tensor xe = dense->enter(x);
+    torch::Tensor y = dense->local(xe);
+    torch::Tensor xin = dropout_p > 0 ? torch::dropout(xe, dropout_p, is_training()) : xe;
     auto delta = [&](const LoraPair& p) {
-      return torch::linear(torch::linear(xin, cast_like(p.A, xin)), cast_like(p.B, xin));
+      torch::Tensor A = dense->in_cols(dense->region(p.A), 1), B = dense->out_rows(dense->region(p.B), p.offset);
+      return torch::linear(torch::linear(xin, cast_like(A, xin)), cast_like(B, xin));
     };
-    if (pairs.size() == 1 && pairs[0].rows == y.size(-1)) return y + delta(pairs[0]) * scaling;
-    for (const auto& p : pairs)  // in place into the output slice: the base's backward does not need y
-      y.narrow(-1, p.offset, p.rows).add_(delta(p), scaling);
-    return y;
+    if (pairs.size() == 1 && pairs[0].rows == dense->out_features) return dense->leave(y + delta(pairs[0]) * scaling);
+    for (const auto& p : pairs) {  // in place into the output slice: the base's backward does not need y
+      auto [start, count] = dense->local_range(p.offset, p.rows);
+      if (count > 0) y.narrow(-1, start, count).add_(delta(p), scaling);
+    }
+    return dense->leave(y);
   }
 
   void apply(double sign) {
-    auto& w = static_cast<DenseLinear&>(*base).weight;
-    for (const auto& p : pairs) w.narrow(0, p.offset, p.rows).add_(torch::matmul(p.B, p.A), sign * scaling);
+    for (const auto& p : pairs) {
+      auto [start, count] = dense->local_range(p.offset, p.rows);
+      torch::Tensor d = dense->in_cols(dense->out_rows(torch::matmul(p.B, p.A), p.offset), 1);
+      dense->weight.narrow(0, start, count).add_(d.to(dense->weight.scalar_type()), sign * scaling);
+    }
   }
   void merge() override { apply(+1); }
   void unmerge() override { apply(-1); }
 
   std::shared_ptr<Op> base;
+  DenseLinear* dense;  // base, as a linear layer
   std::vector<LoraPair> pairs;
   double scaling, dropout_p;
 };
@@ -77,6 +91,7 @@ struct Lora : Method {
     if (parts.empty()) throw std::invalid_argument("peft.qkv_parts is empty");
     ParamList owned;
     for (const Slot& s : target_slots(model, cfg, "attn.qkv", {Slot::Kind::Linear})) {
+      seed_peft_init(s.path);
       bool fused_qkv = s.name == "qkv";
       auto layer = std::make_shared<LoraLinear>(*s.member, cfg,
                                                 fused_qkv ? parts : std::vector<std::pair<std::string, int64_t>>{});

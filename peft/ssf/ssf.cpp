@@ -19,7 +19,8 @@ struct SsfOp : Op, Mergeable {
   }
   torch::Tensor forward(const torch::Tensor& x) override {
     torch::Tensor y = base->forward(x);
-    return merged ? y : torch::addcmul(cast_like(shift, y), y, cast_like(scale, y));
+    // Under tensor parallelism the output may hold only this rank's channels.
+    return merged ? y : torch::addcmul(cast_like(base->output_param(shift), y), y, cast_like(base->output_param(scale), y));
   }
   // (weight, bias) of the base layer; weight rows are output channels.
   std::pair<torch::Tensor, torch::Tensor> base_params() {
@@ -31,17 +32,21 @@ struct SsfOp : Op, Mergeable {
     auto& n = dynamic_cast<LayerNormOp&>(*base);
     return {n.weight, n.bias};
   }
+  // The scale of the weight rows this rank holds (a sharded weight keeps its full bias).
+  torch::Tensor row_scale(const torch::Tensor& w) {
+    auto* d = dynamic_cast<DenseLinear*>(base.get());
+    torch::Tensor s = d ? d->out_rows(scale) : scale;
+    return w.dim() == 2 ? s.unsqueeze(1) : s;
+  }
   void merge() override {
     auto [w, b] = base_params();
-    auto s = w.dim() == 2 ? scale.unsqueeze(1) : scale;
-    w.mul_(s);
+    w.mul_(row_scale(w));
     b.mul_(scale).add_(shift);
   }
   void unmerge() override {
     auto [w, b] = base_params();
-    auto s = w.dim() == 2 ? scale.unsqueeze(1) : scale;
     b.sub_(shift).div_(scale);
-    w.div_(s);
+    w.div_(row_scale(w));
   }
   std::string path_;
   std::shared_ptr<Op> base;

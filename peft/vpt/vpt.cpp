@@ -38,10 +38,12 @@ struct Vpt : Method {
     const auto& c = model.config;
     const double bound = std::sqrt(6.0 / static_cast<double>(c.in_chans * c.patch_size * c.patch_size + c.dim));
     ParamList owned;
-    const size_t blocks = deep_ ? model.blocks->size() : 1;
-    for (size_t i = 0; i < blocks; ++i) {
+    for (size_t i = 0; i < model.num_blocks(); ++i) {
+      const int64_t global = model.block_index(i);  // a pipeline stage may start later
+      if (!deep_ && global > 0) break;
       auto block = model.block(i);
-      auto p = std::make_shared<Prompts>(cfg.prompt_len, c.dim, bound, /*insert=*/i == 0);
+      seed_peft_init("blocks." + std::to_string(global) + ".vpt");
+      auto p = std::make_shared<Prompts>(cfg.prompt_len, c.dim, bound, /*insert=*/global == 0);
       block->pre = block->register_module("vpt", p);
       owned.push_back(p->prompt);
     }

@@ -65,7 +65,7 @@ cmp -s "$work/logits.safetensors" "$work/logits.bak" || failed "a failed run cha
 # Adapters: predict --adapter, and merge -> a plain backbone that predicts the same logits.
 for method in lora ssf fact_tt; do
   expect 0 "wrote a $method adapter" -- "$kit" make-adapter "$cfg" $method "$work/adapter_$method" 7
-  expect 0 "applied $method adapter .* wrote logits \[6, 5\]" -- "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" \
+  expect 0 "with the $method adapter from .* wrote logits \[6, 5\]" -- "$st" predict --config "$cfg" --model.checkpoint "$work/init.safetensors" \
     --input "$work/input.safetensors" --out "$work/logits_$method.safetensors" --adapter "$work/adapter_$method"
   expect 0 "merged the $method adapter" -- "$st" merge --config "$cfg" --model.checkpoint "$work/init.safetensors" \
     --adapter "$work/adapter_$method" --out "$work/merged_$method.safetensors"
