@@ -86,7 +86,10 @@ std::pair<int64_t, int64_t> DenseLinear::local_range(int64_t offset, int64_t n) 
   return {start, end - start};
 }
 
-torch::Tensor DenseLinear::output_param(const torch::Tensor& p) const { return out_rows(region(p)); }
+// A row-parallel layer's output is whole and replicated after its sum: nothing to do there.
+torch::Tensor DenseLinear::output_param(const torch::Tensor& p) const {
+  return split == Split::Rows ? out_rows(region(p)) : p;
+}
 
 LayerNormOp::LayerNormOp(int64_t w) : width(w) {
   weight = register_parameter("weight", torch::ones({w}));

@@ -140,7 +140,8 @@ std::vector<Slot> target_slots(VisionTransformerImpl& model, const PeftConfig& c
     names.push_back(s.path);
   }
   std::vector<std::string> chosen =
-      match_targets(names, cfg.targets.empty() ? default_targets : cfg.targets, cfg.exclude);
+      match_targets(names, cfg.targets.empty() ? default_targets : cfg.targets, cfg.exclude,
+                    /*require_match=*/model.part.first_block == 0 && model.part.end_block == model.config.depth);
   std::vector<Slot> out;
   for (const Slot& s : candidates)
     for (const auto& c : chosen)

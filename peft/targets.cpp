@@ -10,7 +10,8 @@ namespace shardtune {
 namespace {
 
 // The candidates each pattern of `spec` matches; `key` names the config key in errors.
-std::vector<bool> matches(const std::vector<std::string>& candidates, const std::string& spec, const char* key) {
+std::vector<bool> matches(const std::vector<std::string>& candidates, const std::string& spec, const char* key,
+                          bool require_match) {
   std::vector<bool> hit(candidates.size(), false);
   if (spec.rfind("re:", 0) == 0) {
     std::regex re;
@@ -21,7 +22,7 @@ std::vector<bool> matches(const std::vector<std::string>& candidates, const std:
     }
     bool any = false;
     for (size_t i = 0; i < candidates.size(); ++i) any |= (hit[i] = std::regex_match(candidates[i], re));
-    if (!any) throw std::invalid_argument(std::string(key) + ": regex '" + spec + "' matches no module");
+    if (!any && require_match) throw std::invalid_argument(std::string(key) + ": regex '" + spec + "' matches no module");
     return hit;
   }
   for (const std::string& pattern : split_list(spec)) {
@@ -33,7 +34,7 @@ std::vector<bool> matches(const std::vector<std::string>& candidates, const std:
                 c[c.size() - pattern.size() - 1] == '.');
       if (m) hit[i] = any = true;
     }
-    if (!any) {
+    if (!any && require_match) {
       std::string example = candidates.empty() ? "none" : candidates.front();
       throw std::invalid_argument(std::string(key) + ": pattern '" + pattern + "' matches no module (modules look like " +
                                   example + ")");
@@ -45,10 +46,10 @@ std::vector<bool> matches(const std::vector<std::string>& candidates, const std:
 }  // namespace
 
 std::vector<std::string> match_targets(const std::vector<std::string>& candidates, const std::string& targets,
-                                       const std::string& exclude) {
-  std::vector<bool> in = matches(candidates, targets, "peft.targets");
+                                       const std::string& exclude, bool require_match) {
+  std::vector<bool> in = matches(candidates, targets, "peft.targets", require_match);
   std::vector<bool> out = exclude.empty() ? std::vector<bool>(candidates.size(), false)
-                                          : matches(candidates, exclude, "peft.exclude");
+                                          : matches(candidates, exclude, "peft.exclude", require_match);
   std::vector<std::string> result;
   for (size_t i = 0; i < candidates.size(); ++i)
     if (in[i] && !out[i]) result.push_back(candidates[i]);

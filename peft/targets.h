@@ -10,8 +10,9 @@ namespace shardtune {
 
 // Returns the candidates (in their order) matched by `targets` and not by `exclude`.
 // Throws std::invalid_argument naming the pattern when a target or exclude pattern matches
-// no candidate, or when a regex does not compile.
+// no candidate (unless !require_match: a pipeline stage holds only some of the modules the
+// patterns were checked against), or when a regex does not compile.
 std::vector<std::string> match_targets(const std::vector<std::string>& candidates, const std::string& targets,
-                                       const std::string& exclude = "");
+                                       const std::string& exclude = "", bool require_match = true);
 
 }  // namespace shardtune

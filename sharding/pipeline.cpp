@@ -25,7 +25,7 @@ std::vector<PipeOp> pipeline_schedule(const std::string& name, int stage, int st
   std::vector<PipeOp> ops;
   if (name == "gpipe") {
     for (int m = 0; m < microbatches; ++m) ops.push_back({PipeOp::Forward, m});
-    for (int m = microbatches - 1; m >= 0; --m) ops.push_back({PipeOp::Backward, m});
+    for (int m = 0; m < microbatches; ++m) ops.push_back({PipeOp::Backward, m});
   } else if (name == "1f1b") {
     const int warmup = std::min(stages - 1 - stage, microbatches);
     int f = 0, b = 0;

@@ -24,7 +24,8 @@ struct PipeOp {
 
 // The order in which `stage` (0-based, of `stages`) runs the forward and backward passes
 // of `microbatches` micro-batches:
-//   gpipe: every forward, then every backward (last micro-batch first);
+//   gpipe: every forward, then every backward (in the same order as 1f1b's backwards, so
+//          both accumulate gradients in one order and give bit-identical results);
 //   1f1b:  stages - 1 - stage warm-up forwards, then one forward and one backward
 //          alternating, then the remaining backwards (at most stages - stage micro-batches'
 //          activations alive at once instead of all of them).

@@ -23,7 +23,7 @@ struct Selective : Method {
         for (auto& p : model.parameters()) owned.push_back(p);
         break;
       case Pick::Biases:
-        owned.push_back(model.patch_embed->proj->bias);
+        if (model.patch_embed) owned.push_back(model.patch_embed->proj->bias);  // first pipeline stage
         for (const Slot& s : slots(model)) {
           if (s.path == "head") continue;
           if (auto* d = dynamic_cast<DenseLinear*>(&s.get()); d && d->bias.defined()) owned.push_back(d->bias);
