@@ -124,7 +124,7 @@ for p in $PRECISIONS; do
   done
 done
 
-"$PY" - "$RESULTS" "$PRECISIONS" "$BF16_STYLE" <<'EOF'
+"$PY" - "$RESULTS" "$PRECISIONS" "$BF16_STYLE" "$SMALL_EVAL" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print("| precision | C++ median step | Python median step | C++/Python | C++ peak RSS | Python peak RSS |")
@@ -137,6 +137,10 @@ for p in sys.argv[2].split():
     label = p if p != "bf16" else f"bf16 (Python: {sys.argv[3]})"
     print(f"| {label} | {cs:.3f} s | {ys:.3f} s | {cs / ys:.2f} | {max(r['peak_rss_mb'] for r in c):,.0f} MB "
           f"| {max(r['peak_rss_mb'] for r in y):,.0f} MB |")
+if not int(sys.argv[4]):
+    print()
+    print("note: the C++ peak RSS includes the held val/test sets and the final eval (256-image chunks, no grad);"
+          " python_step.py measures the step only. --small-eval makes the C++ figure the step's.")
 print()
 print("per run (s): " + "; ".join(
     f"{p} C++ " + ", ".join(f"{r['step_time_s']:.3f}" for r in rows if r["impl"] == "cpp" and r["precision"] == p)

@@ -189,6 +189,12 @@ int cmd_merge(const po::variables_map& vm) {
 // and has every parameter's shape (from its header alone).
 void preflight(const RunConfig& rc) {
   MethodRegistry::instance().get(rc.peft.method);
+  if (rc.peft.method == "fact_tt" && rc.parallel.pp > 1)
+    throw UsageError("peft.method=fact_tt shares U, V and C across all blocks, so it needs every block on one stage: "
+                     "parallel.pp=" + std::to_string(rc.parallel.pp) + " must be 1");
+  if (rc.peft.method == "full" && rc.parallel.tp > 1)
+    throw UsageError("peft.method=full with parallel.tp=" + std::to_string(rc.parallel.tp) +
+                     ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
   if (!rc.peft.targets.empty()) {
     std::vector<std::string> modules;
     for (const auto& [name, _] : rc.model.parameter_shapes())
