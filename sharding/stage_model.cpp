@@ -32,6 +32,11 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh) {
   torch::manual_seed(spec.seed);
   out.model = VisionTransformer(spec.model, part, /*init=*/!from_checkpoint);
   if (mesh.dims.tp > 1) out.shards = parallelize(*out.model, make_tensor_parallel(mesh.tp), /*keep_values=*/!from_checkpoint);
+  const bool bf16 = spec.precision == "bf16";
+  if (from_checkpoint && bf16) {  // load straight into bf16: the fp32 tensors are never materialised
+    torch::NoGradGuard no_grad;
+    for (auto& p : out.model->parameters()) p.set_data(torch::empty(p.sizes(), p.options().dtype(torch::kBFloat16)));
+  }
   if (from_checkpoint) {
     CheckpointReader reader(spec.checkpoint);
     KeyFilter other_stages = keys_of_other_stages(part);
@@ -44,6 +49,7 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh) {
       torch::manual_seed(spec.seed + 2);
       torch::NoGradGuard no_grad;
       auto& head = static_cast<DenseLinear&>(*out.model->head);
+      for (auto* t : {&head.weight, &head.bias}) t->set_data(torch::empty(t->sizes(), t->options().dtype(torch::kFloat32)));
       trunc_normal_(head.weight, 0.02);
       head.bias.zero_();
     }
@@ -53,7 +59,12 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh) {
   out.peft = apply_peft(*out.model, spec.peft);
   if (!spec.adapter_dir.empty())
     load_adapter_weights(spec.adapter_dir, out.peft, keys_of_other_stages(part, kAdapterKeyPrefix));
-  if (spec.precision == "bf16") cast_frozen(*out.model, torch::kBFloat16);
+  if (bf16) {
+    torch::NoGradGuard no_grad;
+    for (auto& [_, t] : out.peft.trainable)  // trainable backbone tensors (bitfit, head) keep fp32 masters
+      if (t.scalar_type() != torch::kFloat32) t.set_data(t.data().to(torch::kFloat32));
+    cast_frozen(*out.model, torch::kBFloat16);
+  }
   out.role = role_of(out.peft, mesh);
   return out;
 }

@@ -1,5 +1,6 @@
 #include "trainer/data.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "io/idx.h"
@@ -85,7 +86,7 @@ Splits load_splits(const DataConfig& cfg, const ViTConfig& model) {
       return d;
     };
     s.train = make(n);
-    s.val = make(cfg.val_samples > 0 ? cfg.val_samples : 128);
+    s.val = make(std::max<int64_t>(0, cfg.val_samples));
     s.test = make(cfg.eval_samples > 0 ? cfg.eval_samples : 256);
     return s;
   }
