@@ -9,6 +9,7 @@
 #
 #   bench/step_vs_python.sh [options]
 #     --bin PATH          C++ binary (default build/shardtune)
+#     --cpp-ranks N       run the C++ step as N data-parallel ranks of THREADS/N threads (mpiexec)
 #     --python PATH       interpreter with Debian's python3-torch (default /usr/bin/python3)
 #     --steps N           steps per run, first one excluded from the median (default 6)
 #     --rounds R          A B rounds per precision (default 2)
@@ -28,6 +29,7 @@
 set -euo pipefail
 
 BIN=build/shardtune
+CPP_RANKS=1
 PY=/usr/bin/python3
 STEPS=6
 ROUNDS=2
@@ -44,6 +46,7 @@ usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --bin) BIN=$2; shift 2 ;;
+    --cpp-ranks) CPP_RANKS=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
@@ -89,7 +92,11 @@ echo "# $ARCH${DEPTH:+ depth $DEPTH}, batch $BATCH, $STEPS steps/run, $ROUNDS ro
 run_cpp() {  # precision round
   local dir="$OUT/cpp_$1_r$2"
   rm -rf "$dir"
-  if ! "$BIN" train "${cpp_args[@]}" --train.precision "$1" --output.dir "$dir" > "$dir.log" 2>&1; then
+  local launch=()  # C++ over ranks x threads: CPP_RANKS data-parallel ranks sharing THREADS threads
+  if (( CPP_RANKS > 1 )); then
+    launch=(env OMP_NUM_THREADS=$((THREADS / CPP_RANKS > 0 ? THREADS / CPP_RANKS : 1)) mpiexec --oversubscribe -n "$CPP_RANKS")
+  fi
+  if ! "${launch[@]}" "$BIN" train "${cpp_args[@]}" --train.precision "$1" --output.dir "$dir" > "$dir.log" 2>&1; then
     echo "C++ run failed ($1, round $2); see $dir.log:" >&2; tail -5 "$dir.log" >&2; exit 1
   fi
   "$PY" - "$dir/summary.json" "$1" "$2" >> "$RESULTS" <<'EOF'
@@ -115,6 +122,27 @@ print(json.dumps(d))
 EOF
 }
 
+# MFU: model FLOPs per step from `shardtune plan` (2 x forward for a frozen backbone,
+# REFERENCE.md) against a 2048 x 2048 matmul through the same LibTorch (libtorch_cpu.so.1.13,
+# which python3-torch loads too), same threads, measured now, in this run.
+FLOPS=$("$BIN" plan --model.arch "$ARCH" ${DEPTH:+--model.depth "$DEPTH"} --model.num_classes 10 --peft.method lora \
+  --world-size 1 --parallel.tp 1 --parallel.pp 1 --data.batch_size "$BATCH" 2>/dev/null |
+  sed -n 's/.*model FLOPs \/ step *\([0-9.]*\) TFLOP.*/\1/p')
+"$PY" - "$THREADS" > "$OUT/matmul.json" <<'EOF'
+import json, statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+out = {}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+    torch.mm(a, b)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter(); torch.mm(a, b); times.append(time.perf_counter() - t0)
+    out[name] = 2 * 2048 ** 3 / statistics.median(times) / 1e9
+print(json.dumps(out))
+EOF
+echo "# matmul peak (GFLOP/s, 2048^2, median of 7): $(cat "$OUT/matmul.json"); model FLOPs/step: $FLOPS TFLOP" >&2
+
 for p in $PRECISIONS; do
   for ((r = 1; r <= ROUNDS; r++)); do
     echo "  $p round $r: C++ ..." >&2
@@ -124,19 +152,22 @@ for p in $PRECISIONS; do
   done
 done
 
-"$PY" - "$RESULTS" "$PRECISIONS" "$BF16_STYLE" "$SMALL_EVAL" <<'EOF'
+"$PY" - "$RESULTS" "$PRECISIONS" "$BF16_STYLE" "$SMALL_EVAL" "$OUT/matmul.json" "$FLOPS" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| precision | C++ median step | Python median step | C++/Python | C++ peak RSS | Python peak RSS |")
-print("|---|---|---|---|---|---|")
+peak = json.load(open(sys.argv[5]))
+tflop = float(sys.argv[6])
+print("| precision | C++ median step | Python median step | C++/Python | C++ MFU | Python MFU | matmul peak | C++ peak RSS | Python peak RSS |")
+print("|---|---|---|---|---|---|---|---|---|")
 for p in sys.argv[2].split():
     c = [r for r in rows if r["impl"] == "cpp" and r["precision"] == p]
     y = [r for r in rows if r["impl"] == "python" and r["precision"] == p]
     cs = statistics.median(r["step_time_s"] for r in c)
     ys = statistics.median(r["step_time_s"] for r in y)
     label = p if p != "bf16" else f"bf16 (Python: {sys.argv[3]})"
-    print(f"| {label} | {cs:.3f} s | {ys:.3f} s | {cs / ys:.2f} | {max(r['peak_rss_mb'] for r in c):,.0f} MB "
-          f"| {max(r['peak_rss_mb'] for r in y):,.0f} MB |")
+    mfu = lambda t: tflop * 1e3 / t / peak[p]
+    print(f"| {label} | {cs:.3f} s | {ys:.3f} s | {cs / ys:.2f} | {mfu(cs):.0%} | {mfu(ys):.0%} | {peak[p]:.0f} GFLOP/s "
+          f"| {max(r['peak_rss_mb'] for r in c):,.0f} MB | {max(r['peak_rss_mb'] for r in y):,.0f} MB |")
 if not int(sys.argv[4]):
     print()
     print("note: the C++ peak RSS includes the held val/test sets and the final eval (256-image chunks, no grad);"
