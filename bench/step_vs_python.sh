@@ -95,6 +95,7 @@ run_cpp() {  # precision round
   local launch=()  # C++ over ranks x threads: CPP_RANKS data-parallel ranks sharing THREADS threads
   if (( CPP_RANKS > 1 )); then
     launch=(env OMP_NUM_THREADS=$((THREADS / CPP_RANKS > 0 ? THREADS / CPP_RANKS : 1)) mpiexec --oversubscribe -n "$CPP_RANKS")
+    (( EUID == 0 )) && launch+=(--allow-run-as-root)
   fi
   if ! "${launch[@]}" "$BIN" train "${cpp_args[@]}" --train.precision "$1" --output.dir "$dir" > "$dir.log" 2>&1; then
     echo "C++ run failed ($1, round $2); see $dir.log:" >&2; tail -5 "$dir.log" >&2; exit 1
@@ -123,7 +124,7 @@ EOF
 }
 
 # MFU: model FLOPs per step from `shardtune plan` (2 x forward for a frozen backbone,
-# REFERENCE.md) against a 2048 x 2048 matmul through the same LibTorch (libtorch_cpu.so.1.13,
+# REFERENCE.md) against the best of 8 4096 x 4096 matmuls through the same LibTorch (libtorch_cpu.so.1.13,
 # which python3-torch loads too), same threads, measured now, in this run.
 FLOPS=$("$BIN" plan --model.arch "$ARCH" ${DEPTH:+--model.depth "$DEPTH"} --model.num_classes 10 --peft.method lora \
   --world-size 1 --parallel.tp 1 --parallel.pp 1 --data.batch_size "$BATCH" 2>/dev/null |
@@ -133,15 +134,15 @@ import json, statistics, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 out = {}
 for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-    a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+    a, b = torch.randn(4096, 4096).to(dt), torch.randn(4096, 4096).to(dt)
     torch.mm(a, b)
     times = []
-    for _ in range(7):
+    for _ in range(8):
         t0 = time.perf_counter(); torch.mm(a, b); times.append(time.perf_counter() - t0)
-    out[name] = 2 * 2048 ** 3 / statistics.median(times) / 1e9
+    out[name] = 2 * 4096 ** 3 / min(times) / 1e9  # the peak: the best of 8 (a busy core only slows a run)
 print(json.dumps(out))
 EOF
-echo "# matmul peak (GFLOP/s, 2048^2, median of 7): $(cat "$OUT/matmul.json"); model FLOPs/step: $FLOPS TFLOP" >&2
+echo "# matmul peak (GFLOP/s, 4096^2, best of 8): $(cat "$OUT/matmul.json"); model FLOPs/step: $FLOPS TFLOP" >&2
 
 for p in $PRECISIONS; do
   for ((r = 1; r <= ROUNDS; r++)); do

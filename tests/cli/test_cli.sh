@@ -8,20 +8,7 @@ rm -rf "$work" && mkdir -p "$work"
 source "$(dirname "$0")/lib.sh"
 
 cfg=$work/tiny.ini
-cat >"$cfg" <<INI
-[model]
-arch = vit
-image_size = 28
-patch_size = 7
-in_chans = 1
-dim = 32
-depth = 2
-heads = 4
-mlp_dim = 64
-num_classes = 5
-[train]
-seed = 3
-INI
+{ tiny_model_ini 2; printf "[train]\nseed = 3\n"; } >"$cfg"
 
 # Happy path: init twice with one seed gives identical files; predict writes logits.
 expect 0 "wrote .*init.safetensors" -- "$st" init --config "$cfg" --out "$work/init.safetensors"

@@ -10,31 +10,7 @@ rm -rf "$work" && mkdir -p "$work"
 source "$(dirname "$0")/lib.sh"
 
 cfg=$work/tiny.ini
-cat >"$cfg" <<INI
-[model]
-arch = vit
-image_size = 28
-patch_size = 7
-in_chans = 1
-dim = 32
-depth = 4
-heads = 4
-mlp_dim = 64
-num_classes = 5
-[peft]
-method = lora
-[data]
-classes = 0-4
-train_samples = 256
-val_samples = 64
-eval_samples = 200
-batch_size = 16
-[train]
-steps = 6
-lr = 0.01
-warmup_steps = 2
-seed = 4
-INI
+tiny_run_ini 4 >"$cfg"
 mpi() { local n=$1; shift; "$mpiexec" --oversubscribe -n "$n" "$@"; }
 
 expect 0 "wrote" -- "$st" init --config "$cfg" --out "$work/init.safetensors"
