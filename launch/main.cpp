@@ -354,6 +354,7 @@ int main(int argc, char** argv) {
     }
     init_logging(mpi ? mpi->rank() : env.rank, vm["log-level"].as<std::string>());
     configure_runtime(env.local_size);
+    if (vm.count("train.frozen_gemm")) set_frozen_gemm(parse_frozen_gemm(vm["train.frozen_gemm"].as<std::string>()));
     return cmd->run(vm);
   } catch (const UsageError& e) {
     code = 2, message = e.what();

@@ -1,5 +1,9 @@
 #include "models/vit.h"
 
+#include <ATen/Context.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
 #include <cmath>
 #include <stdexcept>
 
@@ -37,6 +41,70 @@ void trunc_normal_(torch::Tensor t, double std) {
   t.clamp_(a * std, b * std);
 }
 
+// --- Frozen GEMMs ---------------------------------------------------------------------
+
+namespace {
+
+std::atomic<FrozenGemm> g_frozen_gemm{at::hasMKLDNN() ? FrozenGemm::OneDnn : FrozenGemm::Blas};
+
+// a [M, K] @ b [K, N] as oneDNN's inner-product backward-data kernel computes it
+// (grad_input = grad_output @ weight with weight [out, in] = b, read in plain layout),
+// returned as a fresh dense tensor of `shape` (not a view: callers may add into it in place).
+torch::Tensor onednn_matmul(const torch::Tensor& a, const torch::Tensor& b, at::IntArrayRef shape) {
+  torch::Tensor y = at::mkldnn_linear_backward_input({a.size(0), b.size(1)}, a.contiguous().to_mkldnn(), b.contiguous());
+  return y.reshape(shape).to_dense();
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  auto out = sizes.vec();
+  out.back() = last;
+  return out;
+}
+
+// y = x W^T with W frozen; backward dx = dy W. W is saved, never copied or differentiated.
+struct FrozenMatmulOneDnn : torch::autograd::Function<FrozenMatmulOneDnn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
+    ctx->save_for_backward({w});
+    return onednn_matmul(x.reshape({-1, x.size(-1)}), w.t(), with_last(x.sizes(), w.size(0)));
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const torch::Tensor w = ctx->get_saved_variables()[0];
+    const torch::Tensor& dy = grads[0];
+    return {onednn_matmul(dy.reshape({-1, dy.size(-1)}), w, with_last(dy.sizes(), w.size(1))), torch::Tensor()};
+  }
+};
+
+// Below ~1 MFLOP the per-call layout conversions cost more than the GEMM saves.
+constexpr int64_t kOneDnnMinMacs = int64_t{1} << 20;
+
+}  // namespace
+
+void set_frozen_gemm(FrozenGemm path) {
+  if (path == FrozenGemm::OneDnn && !at::hasMKLDNN())
+    throw std::invalid_argument("frozen_gemm=onednn: this LibTorch was built without oneDNN (MKLDNN)");
+  g_frozen_gemm = path;
+}
+
+FrozenGemm frozen_gemm() { return g_frozen_gemm; }
+
+FrozenGemm parse_frozen_gemm(const std::string& name) {
+  if (name == "blas") return FrozenGemm::Blas;
+  if (name == "onednn") return FrozenGemm::OneDnn;
+  throw std::invalid_argument("frozen_gemm=" + name + " must be blas or onednn");
+}
+
+torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const bool eligible = g_frozen_gemm == FrozenGemm::OneDnn && !w.requires_grad() && x.device().is_cpu() &&
+                        x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat &&
+                        (!b.defined() || b.scalar_type() == torch::kFloat) && x.dim() >= 2 &&
+                        x.numel() / x.size(-1) * w.size(0) * w.size(1) >= kOneDnnMinMacs;
+  if (!eligible) return torch::linear(x, w, b);
+  torch::Tensor y = FrozenMatmulOneDnn::apply(x, w);
+  // The bias in place (one pass, no new tensor); autograd sums dy for it when it trains.
+  return b.defined() ? y.add_(b) : y;
+}
+
 // --- DenseLinear ---------------------------------------------------------------------
 
 DenseLinear::DenseLinear(int64_t in, int64_t out, bool with_bias) : in_features(in), out_features(out) {
@@ -51,7 +119,7 @@ torch::Tensor DenseLinear::enter(const torch::Tensor& x) const { return split ==
 
 torch::Tensor DenseLinear::local(const torch::Tensor& x) const {
   torch::Tensor b = split == Split::Cols ? torch::Tensor() : out_rows(region(bias));
-  return torch::linear(x, cast_like(weight, x), cast_like(b, x));
+  return frozen_aware_linear(x, cast_like(weight, x), cast_like(b, x));
 }
 
 torch::Tensor DenseLinear::leave(const torch::Tensor& y) const {

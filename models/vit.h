@@ -41,6 +41,21 @@ struct Op : torch::nn::Module {
   virtual torch::Tensor output_param(const torch::Tensor& p) const { return p; }
 };
 
+// --- Frozen GEMMs ------------------------------------------------------------------------
+// How a DenseLinear whose weight is frozen (requires_grad false) runs its fp32 GEMMs on CPU.
+// Blas: torch::linear (LibTorch's BLAS, OpenBLAS here). OneDnn: oneDNN's inner-product
+// kernels inside LibTorch (the forward and the input gradient both as
+// mkldnn_linear_backward_input, which reads the weight in plain layout), 1.6-1.9x BLAS's
+// GEMM rate on this project's CPU machine (docs/BENCHMARKS.md); no weight gradient is
+// ever computed and no copy of the weight is kept. bf16 GEMMs already go through oneDNN
+// either way; trainable weights, other devices and tiny GEMMs always take torch::linear.
+enum class FrozenGemm { Blas, OneDnn };
+void set_frozen_gemm(FrozenGemm path);  // process-wide; default OneDnn where LibTorch has it
+FrozenGemm frozen_gemm();
+FrozenGemm parse_frozen_gemm(const std::string& name);  // "blas" | "onednn"; invalid_argument otherwise
+// y = x W^T + b under the process-wide path: the layers' single GEMM entry point.
+torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b);
+
 // y = x W^T + b: weight [out, in], optional bias [out].
 //
 // Tensor parallelism (set by sharding::parallelize, none by default) keeps the full bias

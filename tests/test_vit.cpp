@@ -302,3 +302,94 @@ TEST(ViT, NoHeadReturnsPooledFeatures) {
   VisionTransformer m(c);
   EXPECT_EQ(m->forward(torch::randn({3, 1, 28, 28})).sizes(), (std::vector<int64_t>{3, 32}));
 }
+
+// --- Frozen GEMMs through oneDNN ---------------------------------------------------------
+
+namespace {
+
+struct FrozenGemmScope {  // restores the process-wide path
+  explicit FrozenGemmScope(FrozenGemm p) : saved(frozen_gemm()) { set_frozen_gemm(p); }
+  ~FrozenGemmScope() { set_frozen_gemm(saved); }
+  FrozenGemm saved;
+};
+
+double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).norm().item<double>() / (b.norm().item<double>() + 1e-30);
+}
+
+}  // namespace
+
+TEST(FrozenGemm, ParsesTheTwoPathsAndNamesABadOne) {
+  EXPECT_EQ(parse_frozen_gemm("blas"), FrozenGemm::Blas);
+  EXPECT_EQ(parse_frozen_gemm("onednn"), FrozenGemm::OneDnn);
+  try {
+    parse_frozen_gemm("mkl");
+    FAIL() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("frozen_gemm=mkl"), std::string::npos) << e.what();
+  }
+}
+
+TEST(FrozenGemm, OneDnnMatchesBlasInValueAndGradients) {
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  torch::manual_seed(3);
+  const torch::Tensor w = torch::randn({96, 160}) * 0.1;  // frozen: requires_grad false
+  const torch::Tensor b0 = torch::randn({96});
+  // 3-D input and a non-contiguous one (a transposed view), as attention outputs are.
+  for (bool contiguous : {true, false}) {
+    torch::Tensor base = contiguous ? torch::randn({4, 70, 160}) : torch::randn({4, 160, 70}).transpose(1, 2);
+    std::map<FrozenGemm, std::vector<torch::Tensor>> got;
+    for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) {
+      FrozenGemmScope scope(path);
+      torch::Tensor x = base.detach().clone().requires_grad_(true);
+      torch::Tensor b = b0.clone().requires_grad_(true);  // a trainable bias (BitFit)
+      torch::Tensor y = frozen_aware_linear(x, w, b);
+      if (path == FrozenGemm::OneDnn) {
+        ASSERT_TRUE(y.grad_fn());
+        // The GEMM node sits under the bias add: the oneDNN path really ran.
+        bool found = false;
+        for (const auto& edge : y.grad_fn()->next_edges())
+          if (edge.function && edge.function->name().find("FrozenMatmulOneDnn") != std::string::npos) found = true;
+        EXPECT_TRUE(found) << y.grad_fn()->name();
+      }
+      y.narrow(-1, 10, 20).mul_(2.0);  // callers add into the output in place (LoRA on q/v)
+      (y * torch::linspace(-1, 1, 96)).sum().backward();
+      got[path] = {y.detach(), x.grad(), b.grad()};
+    }
+    for (size_t i = 0; i < 3; ++i)
+      EXPECT_LT(rel_err(got[FrozenGemm::OneDnn][i], got[FrozenGemm::Blas][i]), 1e-5) << "tensor " << i;
+  }
+}
+
+TEST(FrozenGemm, TrainableWeightsAndTinyGemmsKeepTorchLinear) {
+  FrozenGemmScope scope(FrozenGemm::OneDnn);
+  torch::Tensor x = torch::randn({64, 128}, torch::requires_grad());
+  torch::Tensor w = torch::randn({128, 128}, torch::requires_grad());
+  torch::Tensor y = frozen_aware_linear(x, w, torch::Tensor());
+  EXPECT_EQ(y.grad_fn()->name().find("FrozenMatmulOneDnn"), std::string::npos) << y.grad_fn()->name();
+  torch::Tensor small = frozen_aware_linear(torch::randn({2, 8}, torch::requires_grad()), torch::randn({4, 8}), {});
+  EXPECT_EQ(small.grad_fn()->name().find("FrozenMatmulOneDnn"), std::string::npos) << small.grad_fn()->name();
+}
+
+TEST(FrozenGemm, FrozenViTForwardAndBackwardAgreeOnBothPaths) {
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  ViTConfig c = tiny_config();
+  c.image_size = 56;  // 65 tokens x batch 4: every block GEMM is above the oneDNN size floor
+  c.dim = 64;
+  c.mlp_dim = 256;
+  torch::manual_seed(5);
+  VisionTransformer model(c);
+  randomize_for_test(*model);
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  const torch::Tensor images = torch::randn({4, 1, 56, 56});
+  std::map<FrozenGemm, std::pair<torch::Tensor, torch::Tensor>> got;
+  for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) {
+    FrozenGemmScope scope(path);
+    torch::Tensor x = images.clone().requires_grad_(true);  // the gradient crosses every layer
+    torch::Tensor logits = model->forward(x);
+    logits.pow(2).sum().backward();
+    got[path] = {logits.detach(), x.grad()};
+  }
+  EXPECT_LT(rel_err(got[FrozenGemm::OneDnn].first, got[FrozenGemm::Blas].first), 1e-5);
+  EXPECT_LT(rel_err(got[FrozenGemm::OneDnn].second, got[FrozenGemm::Blas].second), 1e-5);
+}
