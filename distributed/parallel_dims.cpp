@@ -24,6 +24,8 @@ ParallelDims ParallelDims::make(int world, int tp, int pp, const Requirements& r
   d.dp = world / (tp * pp);
   if (req.heads > 0 && req.heads % tp != 0)
     fail("model.heads=" + std::to_string(req.heads) + " is not divisible by parallel.tp=" + std::to_string(tp));
+  if (req.mlp_dim > 0 && req.mlp_dim % tp != 0)
+    fail("model.mlp_dim=" + std::to_string(req.mlp_dim) + " is not divisible by parallel.tp=" + std::to_string(tp));
   if (req.depth > 0 && req.depth < pp)
     fail("model.depth=" + std::to_string(req.depth) + " is less than parallel.pp=" + std::to_string(pp) +
          " (every stage needs a block)");

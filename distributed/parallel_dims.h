@@ -17,6 +17,7 @@ struct MeshRequirements {
   int64_t depth = 0;          // model.depth, >= pp
   int64_t global_batch = 0;   // data.batch_size, divisible by dp * microbatches
   int64_t microbatches = 1;   // parallel.microbatches
+  int64_t mlp_dim = 0;        // model.mlp_dim, divisible by tp (fc1 rows / fc2 columns split)
 };
 
 struct ParallelDims {

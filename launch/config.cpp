@@ -65,6 +65,7 @@ po::options_description config_key_options() {
     ("train.eval_every", po::value<int64_t>(), "evaluate every N steps (0: at the end only)")
     ("train.log_every", po::value<int64_t>(), "log every N steps")
     ("train.exit_interval", po::value<int64_t>(), "stop after N steps of this run, with a checkpoint")
+    ("train.profile_step", po::value<int64_t>(), "record step N's op profile (chrome trace) in output.dir (0: off)")
     ("output.dir", po::value<std::string>(), "output folder")
     ("output.checkpoint_every", po::value<int64_t>(), "checkpoint every N steps (0: only when stopping early)")
     ("output.keep", po::value<int64_t>(), "newest checkpoints kept")
@@ -173,6 +174,7 @@ RunConfig run_config_from(const po::variables_map& vm) {
   set_i("train.eval_every", rc.train.eval_every);
   set_i("train.log_every", rc.train.log_every);
   set_i("train.exit_interval", rc.train.exit_interval);
+  set_i("train.profile_step", rc.train.profile_step);
   str("output.dir", rc.output.dir);
   set_i("output.checkpoint_every", rc.output.checkpoint_every);
   set_i("output.keep", rc.output.keep);
@@ -190,6 +192,8 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (rc.train.lr <= 0) throw UsageError("train.lr=" + std::to_string(rc.train.lr) + " must be positive");
   if (rc.train.precision != "fp32" && rc.train.precision != "bf16")
     throw UsageError("train.precision=" + rc.train.precision + " must be fp32 or bf16");
+  if (rc.train.profile_step < 0)
+    throw UsageError("train.profile_step=" + std::to_string(rc.train.profile_step) + " must be 0 (off) or a step");
   if (rc.output.resume.empty()) throw UsageError("output.resume is empty (auto, never or a checkpoint folder)");
   try {
     rc.model.validate();

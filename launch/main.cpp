@@ -66,6 +66,7 @@ VisionTransformer build_model(const RunConfig& rc) {
 Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
   MeshRequirements req;
   req.heads = rc.model.heads;
+  req.mlp_dim = rc.model.mlp_dim;
   req.depth = rc.model.depth;
   req.global_batch = rc.data.batch_size;
   req.microbatches = rc.parallel.microbatches;

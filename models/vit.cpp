@@ -3,6 +3,7 @@
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
@@ -91,7 +92,7 @@ FrozenGemm frozen_gemm() { return g_frozen_gemm; }
 FrozenGemm parse_frozen_gemm(const std::string& name) {
   if (name == "blas") return FrozenGemm::Blas;
   if (name == "onednn") return FrozenGemm::OneDnn;
-  throw std::invalid_argument("frozen_gemm=" + name + " must be blas or onednn");
+  throw std::invalid_argument("train.frozen_gemm=" + name + " must be onednn or blas");
 }
 
 torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
@@ -165,7 +166,14 @@ LayerNormOp::LayerNormOp(int64_t w) : width(w) {
 }
 
 torch::Tensor LayerNormOp::forward(const torch::Tensor& x) {
-  return torch::layer_norm(x, {width}, cast_like(output_param(weight), x), cast_like(output_param(bias), x), kLayerNormEps);
+  if (x.scalar_type() != torch::kBFloat16 && x.scalar_type() != torch::kHalf)
+    return torch::layer_norm(x, {width}, cast_like(output_param(weight), x), cast_like(output_param(bias), x), kLayerNormEps);
+  // Reduced precision (bf16): statistics and normalisation in fp32, output in the input's
+  // dtype. More accurate, and faster: LibTorch 1.13's bf16 CPU kernel takes 10x the time of
+  // the two casts plus the fp32 kernel (4.4 ms against 0.44 ms on a ViT-B activation).
+  const auto f32 = torch::kFloat;
+  return torch::layer_norm(x.to(f32), {width}, output_param(weight).to(f32), output_param(bias).to(f32), kLayerNormEps)
+      .to(x.scalar_type());
 }
 
 // --- Slots -----------------------------------------------------------------------------
@@ -209,21 +217,21 @@ AttentionImpl::AttentionImpl(const ViTConfig& c)
   proj = register_module("proj", std::make_shared<DenseLinear>(c.dim, c.dim, true));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
-  const int64_t B = x.size(0), N = x.size(1);
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, int64_t queries) {
+  const int64_t B = x.size(0), N = x.size(1), Q = queries > 0 ? std::min(queries, N) : N;
   // The local width may be D/tp under tensor parallelism: derive it from the qkv output.
   torch::Tensor qkv_out = qkv->forward(x);  // [B, N, 3 * H * hd]
   const int64_t local_width = qkv_out.size(2) / 3;
   const int64_t head_dim = local_width / heads;
   auto parts = qkv_out.view({B, N, 3, heads, head_dim}).permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd]
-  torch::Tensor q = parts[0], k = parts[1], v = parts[2];
+  torch::Tensor q = Q < N ? parts[0].narrow(2, 0, Q) : parts[0], k = parts[1], v = parts[2];
   if (q_norm) {
     q = q_norm->forward(q);
     k = k_norm->forward(k);
   }
   if (kv_extension) std::tie(k, v) = kv_extension->extend(k, v);
-  torch::Tensor attn = torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);  // [B, H, N, N]
-  torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({B, N, local_width});
+  torch::Tensor attn = torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);  // [B, H, Q, N]
+  torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({B, Q, local_width});
   return proj->forward(out);
 }
 
@@ -253,9 +261,10 @@ BlockImpl::BlockImpl(const ViTConfig& c) {
   }
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& input) {
+torch::Tensor BlockImpl::forward(const torch::Tensor& input, int64_t out_tokens) {
   torch::Tensor x = pre ? pre->forward(input) : input;
-  torch::Tensor a = attn->forward(norm1->forward(x));
+  torch::Tensor a = attn->forward(norm1->forward(x), out_tokens);
+  if (out_tokens > 0 && out_tokens < x.size(1)) x = x.narrow(1, 0, out_tokens);
   torch::Tensor h = x + (ls1_gamma.defined() ? a * cast_like(ls1_gamma, a) : a);
   torch::Tensor m = mlp->forward(norm2->forward(h));
   if (mlp_side) m = m + mlp_side->forward(h);
@@ -351,7 +360,10 @@ torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {
 
 torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& input) {
   torch::Tensor x = part.embed ? embed(input) : input;
-  for (auto& b : stage_blocks) x = b->forward(x);
+  // Only token 0 reaches a cls-pooled head: the last block computes it alone.
+  const bool cls_only = part.head && config.global_pool != "avg";
+  for (size_t i = 0; i < stage_blocks.size(); ++i)
+    x = stage_blocks[i]->forward(x, cls_only && i + 1 == stage_blocks.size() ? 1 : 0);
   return part.head ? head_forward(x) : x;
 }
 

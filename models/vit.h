@@ -52,7 +52,8 @@ struct Op : torch::nn::Module {
 enum class FrozenGemm { Blas, OneDnn };
 void set_frozen_gemm(FrozenGemm path);  // process-wide; default OneDnn where LibTorch has it
 FrozenGemm frozen_gemm();
-FrozenGemm parse_frozen_gemm(const std::string& name);  // "blas" | "onednn"; invalid_argument otherwise
+// "blas" | "onednn" (the value of train.frozen_gemm); invalid_argument naming it otherwise.
+FrozenGemm parse_frozen_gemm(const std::string& name);
 // y = x W^T + b under the process-wide path: the layers' single GEMM entry point.
 torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b);
 
@@ -110,10 +111,11 @@ struct KVExtension : torch::nn::Module {
 
 // --- Attention ------------------------------------------------------------------------
 // x: [B, N, D] -> qkv: [B, N, 3D] with rows q, k, v (heads contiguous inside each)
-// -> softmax(q k^T * head_dim^-0.5) v -> proj.
+// -> softmax(q k^T * head_dim^-0.5) v -> proj. With `queries` > 0 only the first `queries`
+// tokens attend (over all N keys and values): output [B, queries, D].
 struct AttentionImpl : torch::nn::Module {
   explicit AttentionImpl(const ViTConfig& c);
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x, int64_t queries = 0);
 
   // This rank's heads, from head `first_head` (tensor parallelism: heads / tp of them).
   // A per-head parameter p (heads along `dim`) as this rank uses it.
@@ -144,10 +146,12 @@ TORCH_MODULE(Mlp);
 // --- Block --------------------------------------------------------------------------
 // Pre-norm residual block: x = pre(x); h = x + ls1(attn(norm1(x)));
 // out = h + ls2(mlp(norm2(h)) + mlp_side(h)). `pre` and `mlp_side` are optional extension
-// points (VPT prompts, AdaptFormer) that PEFT fills in.
+// points (VPT prompts, AdaptFormer) that PEFT fills in. With `out_tokens` > 0 only the first
+// `out_tokens` tokens are computed past attention's keys and values (everything after
+// attention acts per token): the model's last block when only the cls token is read.
 struct BlockImpl : torch::nn::Module {
   explicit BlockImpl(const ViTConfig& c);
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x, int64_t out_tokens = 0);
 
   std::shared_ptr<Op> norm1, norm2;
   Attention attn{nullptr};
@@ -186,7 +190,9 @@ struct VisionTransformerImpl : torch::nn::Module {
   VisionTransformerImpl(const ViTConfig& c, const StagePart& part, bool init = true);
 
   // images [B, C, H, W] (or, without the embedding, tokens [B, T, D]) -> logits
-  // [B, num_classes] (pooled features [B, D] when num_classes = 0; tokens without the head)
+  // [B, num_classes] (pooled features [B, D] when num_classes = 0; tokens without the head).
+  // With cls-token pooling the last block computes the cls token only (exact: nothing else
+  // reaches the output), which skips ~10/12 of that block's forward and backward GEMMs.
   torch::Tensor forward(const torch::Tensor& input);
 
   // The three parts of forward, for pipeline stages:

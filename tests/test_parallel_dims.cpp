@@ -49,6 +49,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadMesh{"not_dividing", 4, 3, 1, {}, "parallel.tp=3 x parallel.pp=1 = 3 does not divide the world size 4"},
         BadMesh{"heads", 4, 4, 1, {6, 12, 0, 1}, "model.heads=6 is not divisible by parallel.tp=4"},
         BadMesh{"depth", 4, 1, 4, {12, 2, 0, 1}, "model.depth=2 is less than parallel.pp=4"},
+        BadMesh{"mlp_dim", 4, 4, 1, {12, 12, 0, 1, 3070}, "model.mlp_dim=3070 is not divisible by parallel.tp=4"},
         BadMesh{"batch", 8, 2, 1, {12, 12, 30, 4}, "data.batch_size=30 is not divisible by dp=4 x parallel.microbatches=4 = 16"},
         BadMesh{"zero_tp", 2, 0, 1, {}, "parallel.tp=0 must be positive"},
         BadMesh{"microbatches", 2, 1, 1, {12, 12, 8, 0}, "parallel.microbatches=0 must be positive"}),

@@ -326,7 +326,7 @@ TEST(FrozenGemm, ParsesTheTwoPathsAndNamesABadOne) {
     parse_frozen_gemm("mkl");
     FAIL() << "no exception";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("frozen_gemm=mkl"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.frozen_gemm=mkl must be onednn or blas"), std::string::npos) << e.what();
   }
 }
 
@@ -392,4 +392,38 @@ TEST(FrozenGemm, FrozenViTForwardAndBackwardAgreeOnBothPaths) {
   }
   EXPECT_LT(rel_err(got[FrozenGemm::OneDnn].first, got[FrozenGemm::Blas].first), 1e-5);
   EXPECT_LT(rel_err(got[FrozenGemm::OneDnn].second, got[FrozenGemm::Blas].second), 1e-5);
+}
+
+// The last block computes only the cls token under cls pooling; every logit and every
+// parameter gradient must equal the full computation's.
+TEST(ViT, ClsOnlyLastBlockEqualsTheFullBlockInValueAndGradient) {
+  for (const ViTConfig& c : tiny_variants()) {
+    torch::manual_seed(7);
+    VisionTransformer model(c);
+    randomize_for_test(*model);
+    model->to(torch::kFloat64);
+    const torch::Tensor images = torch::randn({3, c.in_chans, c.image_size, c.image_size}, torch::kFloat64);
+    auto run = [&](bool pruned) {
+      model->zero_grad();
+      torch::Tensor logits;
+      if (pruned) {
+        logits = model->forward(images);
+      } else {
+        torch::Tensor x = model->embed(images);
+        for (size_t i = 0; i < model->num_blocks(); ++i) x = model->block(i)->forward(x);  // every token
+        logits = model->head_forward(x);
+      }
+      (logits * torch::arange(logits.numel(), torch::kFloat64).view_as(logits)).sum().backward();
+      std::map<std::string, torch::Tensor> out{{"logits", logits.detach()}};
+      for (const auto& p : model->named_parameters())
+        if (p.value().grad().defined()) out[p.key()] = p.value().grad().clone();
+      return out;
+    };
+    auto full = run(false), pruned = run(true);
+    ASSERT_EQ(full.size(), pruned.size()) << describe(c);
+    for (const auto& [name, t] : full) {
+      ASSERT_TRUE(pruned.count(name)) << describe(c) << " " << name;
+      EXPECT_TRUE(torch::allclose(pruned[name], t, 1e-10, 1e-12)) << describe(c) << " " << name;
+    }
+  }
 }

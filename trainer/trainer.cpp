@@ -1,5 +1,7 @@
 #include "trainer/trainer.h"
 
+#include <torch/csrc/autograd/profiler_legacy.h>
+
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -296,6 +298,11 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   const auto ops = pipeline_schedule(spec.schedule, b.role.stage, b.role.stages, static_cast<int>(m));
 
   while (step < total) {
+    std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
+    if (step + 1 == spec.train.profile_step)
+      profile = std::make_unique<torch::autograd::profiler::RecordProfile>(
+          spec.output.dir + "/profile_step_" + std::to_string(step + 1) + "_rank" + std::to_string(mesh.rank) +
+          ".json");
     auto t0 = std::chrono::steady_clock::now();
     Batch batch = prefetch.get(step);
     if (opt) opt->zero_grad();
@@ -340,7 +347,9 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     ++step;
 
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (step > first_step + 1) step_times.push_back(secs);
+    // The profiled step runs slower (the profiler's own cost): left out of the median.
+    if (step > first_step + 1 && !profile) step_times.push_back(secs);
+    profile.reset();  // writes the trace
     const double ips = static_cast<double>(spec.data.batch_size) / secs;
     json::Value line;
     line.set("step", step);

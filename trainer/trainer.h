@@ -31,6 +31,8 @@ struct TrainConfig {
   int64_t eval_every = 0;       // 0: only at the end
   int64_t log_every = 10;
   int64_t exit_interval = 0;    // > 0: stop after this many steps of this run, with a checkpoint
+  int64_t profile_step = 0;     // > 0: record LibTorch's op profile of this step (1-based) to
+                                // output.dir/profile_step_N_rankR.json (chrome://tracing)
 };
 
 struct OutputConfig {

@@ -15,13 +15,22 @@ expect 0 "done: eval top-1" -- "$st" train --config "$cfg" --output.dir "$work/a
 for f in adapter/adapter_model.safetensors adapter/adapter_config.json metrics.jsonl summary.json; do
   [[ -s "$work/a/$f" ]] && pass "a/$f exists" || failed "a/$f missing"
 done
-for key in eval_top1 trainable_params total_params step_time_s images_per_sec peak_rss_mb grad_sync_bytes_per_step mesh precision; do
+for key in eval_top1 trainable_params total_params step_time_s images_per_sec peak_rss_mb grad_sync_bytes_per_step mesh precision frozen_gemm; do
   grep -q "\"$key\"" "$work/a/summary.json" && pass "summary has $key" || failed "summary lacks $key"
 done
 grep -q '"grad_sync_bytes_per_step": 0' "$work/a/summary.json" && pass "dp=1 syncs 0 bytes" || failed "dp=1 grad sync bytes"
 # lora q,v r=8 on 2 blocks of dim 32: 2 x 2 x (8x32 + 32x8) = 2048, + head 5x32+5 = 165
 grep -q '"trainable_params": 2213' "$work/a/summary.json" && pass "trainable params" || failed "trainable_params != 2213"
 [[ $(grep -c '"loss"' "$work/a/metrics.jsonl") -eq 6 ]] && pass "6 step lines" || failed "metrics.jsonl step lines"
+# train.profile_step: step 2's op trace (chrome://tracing JSON) on every rank, nothing for other steps.
+expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/prof" --train.steps 3 --train.profile_step 2 \
+  --train.frozen_gemm blas
+for r in 0 1; do
+  trace=$work/prof/profile_step_2_rank$r.json
+  grep -q '"name": "aten::addmm"' "$trace" 2>/dev/null && grep -q '"ph": "X"' "$trace" && pass "rank $r op trace" || failed "no op trace $trace"
+done
+[[ $(ls "$work/prof" | grep -c '^profile_step_') -eq 2 ]] && pass "only the profiled step traced" || failed "extra traces: $(ls "$work/prof")"
+grep -q '"frozen_gemm": "blas"' "$work/prof/summary.json" && pass "summary names the GEMM path" || failed "frozen_gemm not blas in summary"
 
 # Stopped by exit_interval at step 3, resumed: bit-for-bit the uninterrupted adapter.
 expect 0 "stopping at step 3" -- "$st" train --config "$cfg" --output.dir "$work/b" --train.exit_interval 3
@@ -85,6 +94,9 @@ expect 1 "wide.safetensors does not fit the model: .*shape mismatch for pos_embe
   "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --model.checkpoint "$work/wide.safetensors"
 expect 2 "peft.method=loha is not a known method" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.method loha
 expect 2 "model.heads=4 is not divisible by parallel.tp=3" -- "$mpiexec" --oversubscribe -n 3 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 3
+expect 2 "model.mlp_dim=66 is not divisible by parallel.tp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 4 --model.mlp_dim 66
+expect 2 "train.frozen_gemm=mkl must be onednn or blas" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.frozen_gemm mkl
+expect 2 "train.profile_step=-1 must be 0" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.profile_step -1
 expect 2 "model.depth=2 is less than parallel.pp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.pp 4
 expect 2 "peft.targets: pattern 'attn.qvk' matches no module" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.targets attn.qvk
 
