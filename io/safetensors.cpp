@@ -200,6 +200,17 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   ::close(fd);  // the mapping keeps the file alive
 }
 
+void MappedFile::release(const uint8_t* p, size_t n) const {
+  if (!data_ || n == 0) return;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = std::max(reinterpret_cast<uintptr_t>(p) & ~(page - 1), reinterpret_cast<uintptr_t>(data_));
+  const uintptr_t hi = std::min((reinterpret_cast<uintptr_t>(p) + n + page - 1) & ~(page - 1),
+                                reinterpret_cast<uintptr_t>(data_) + ((size_ + page - 1) & ~(page - 1)));
+  // A read-only private mapping never written: dropping its pages loses nothing. Advisory:
+  // a failure only leaves the pages resident.
+  if (hi > lo) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
 MappedFile::~MappedFile() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }

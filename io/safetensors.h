@@ -62,6 +62,10 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Drops the pages of [p, p + n) (rounded out to whole pages) from this process's mapping
+  // once they have been copied: the page cache keeps them and a later read faults them back
+  // in, but they stop counting in this process's resident set while a large checkpoint loads.
+  void release(const uint8_t* p, size_t n) const;
 
  private:
   std::string path_;
@@ -78,6 +82,7 @@ class File {
   const Header& header() const { return header_; }
   const TensorInfo* find(std::string_view name) const;  // nullptr when absent
   const uint8_t* data(const TensorInfo& t) const { return map_->data() + header_.data_offset + t.begin; }
+  void release(const TensorInfo& t) const { map_->release(data(t), t.end - t.begin); }  // see MappedFile
 
  private:
   std::shared_ptr<MappedFile> map_;

@@ -114,6 +114,7 @@ torch::Tensor slice_from_safetensors(const sf::File& file, const sf::TensorInfo&
       i = j;
     }
   }
+  file.release(info);
   return raw.scalar_type() == dtype ? raw : raw.to(dtype);
 }
 
@@ -124,6 +125,7 @@ torch::Tensor tensor_from_safetensors(const sf::File& file, const sf::TensorInfo
   torch::Tensor raw = torch::empty(info.shape, torch::TensorOptions().dtype(scalar_type_of(info.dtype, where)));
   const size_t nbytes = info.end - info.begin;
   if (nbytes) std::memcpy(raw.data_ptr(), file.data(info), nbytes);  // memcpy: the source may be unaligned
+  file.release(info);
   return raw.scalar_type() == dtype ? raw : raw.to(dtype);
 }
 

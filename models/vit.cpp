@@ -76,15 +76,15 @@ struct FrozenMatmulOneDnn : torch::autograd::Function<FrozenMatmulOneDnn> {
   }
 };
 
-// Below ~1 MFLOP the per-call layout conversions cost more than the GEMM saves.
-constexpr int64_t kOneDnnMinMacs = int64_t{1} << 20;
+std::atomic<int64_t> g_onednn_min_macs{kOneDnnMinMacs};
 
 }  // namespace
 
-void set_frozen_gemm(FrozenGemm path) {
+void set_frozen_gemm(FrozenGemm path, int64_t min_macs) {
   if (path == FrozenGemm::OneDnn && !at::hasMKLDNN())
-    throw std::invalid_argument("frozen_gemm=onednn: this LibTorch was built without oneDNN (MKLDNN)");
+    throw std::invalid_argument("train.frozen_gemm=onednn: this LibTorch was built without oneDNN (MKLDNN)");
   g_frozen_gemm = path;
+  g_onednn_min_macs = min_macs;
 }
 
 FrozenGemm frozen_gemm() { return g_frozen_gemm; }
@@ -99,7 +99,7 @@ torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w
   const bool eligible = g_frozen_gemm == FrozenGemm::OneDnn && !w.requires_grad() && x.device().is_cpu() &&
                         x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat &&
                         (!b.defined() || b.scalar_type() == torch::kFloat) && x.dim() >= 2 &&
-                        x.numel() / x.size(-1) * w.size(0) * w.size(1) >= kOneDnnMinMacs;
+                        x.numel() / x.size(-1) * w.size(0) * w.size(1) >= g_onednn_min_macs;
   if (!eligible) return torch::linear(x, w, b);
   torch::Tensor y = FrozenMatmulOneDnn::apply(x, w);
   // The bias in place (one pass, no new tensor); autograd sums dy for it when it trains.

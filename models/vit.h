@@ -50,7 +50,11 @@ struct Op : torch::nn::Module {
 // ever computed and no copy of the weight is kept. bf16 GEMMs already go through oneDNN
 // either way; trainable weights, other devices and tiny GEMMs always take torch::linear.
 enum class FrozenGemm { Blas, OneDnn };
-void set_frozen_gemm(FrozenGemm path);  // process-wide; default OneDnn where LibTorch has it
+// Below this many multiply-adds a GEMM stays on torch::linear: the per-call layout
+// conversions would cost more than the faster kernel saves.
+constexpr int64_t kOneDnnMinMacs = int64_t{1} << 20;
+// Process-wide; default OneDnn where LibTorch has it. `min_macs` (tests: 0) as above.
+void set_frozen_gemm(FrozenGemm path, int64_t min_macs = kOneDnnMinMacs);
 FrozenGemm frozen_gemm();
 // "blas" | "onednn" (the value of train.frozen_gemm); invalid_argument naming it otherwise.
 FrozenGemm parse_frozen_gemm(const std::string& name);

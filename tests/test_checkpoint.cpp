@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <fstream>
 
 #include "io/json.h"
@@ -209,4 +212,35 @@ TEST(Checkpoint, MalformedFileSurfacesTheFormatError) {
   } catch (const safetensors::FormatError& e) {
     EXPECT_NE(std::string(e.what()).find(path + ": header length"), std::string::npos) << e.what();
   }
+}
+
+namespace {
+
+int64_t resident_bytes() {  // this process's resident set, from /proc/self/statm (pages)
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * ::sysconf(_SC_PAGESIZE);
+}
+
+}  // namespace
+
+// Loading copies each tensor out of the file mapping and then drops the mapped pages, so a
+// checkpoint's bytes do not stay in the process's resident set beside the loaded copy.
+TEST(Checkpoint, ReadTensorsLeaveNoMappedPagesResident) {
+  const std::string path = temp_path("resident.safetensors");
+  const int64_t n = 16 << 20;  // 64 MB of fp32 in two tensors
+  save_tensors(path, {{"a", torch::rand({n / 2})}, {"b", torch::rand({n / 2})}});
+  {
+    CheckpointReader reader(path);
+    const int64_t before = resident_bytes();
+    torch::Tensor a = reader.read("a", torch::kFloat32);
+    torch::Tensor b = reader.read("b", torch::kFloat32, 0, {0, 1, 2});  // a slice touches few pages
+    const int64_t grown = resident_bytes() - before;
+    // The copy of `a` (32 MB) is resident; its source pages in the mapping must not be.
+    EXPECT_LT(grown, 40 << 20) << "resident set grew by " << grown << " bytes";
+    EXPECT_GE(grown, 24 << 20) << "the copy itself should be resident";
+    EXPECT_EQ(b.numel(), 3);
+  }
+  std::remove(path.c_str());
 }

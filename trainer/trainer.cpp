@@ -138,6 +138,7 @@ void save_checkpoint(const RunSpec& spec, const StageModel& b, torch::optim::Opt
   json::Value state;
   state.set("step", step);
   state.set("method", spec.peft.method);
+  state.set("pp", static_cast<int64_t>(mesh.dims.pp));  // optimizer state is per stage
   io::write_text_atomically((tmp / "trainer_state.json").string(), state.dump(2) + "\n");
   fs::remove_all(final_dir);
   fs::rename(tmp, final_dir);
@@ -182,6 +183,10 @@ int64_t load_checkpoint(const std::string& dir, StageModel& b, torch::optim::Opt
   if (state.at("method").as_string() != spec.peft.method)
     throw std::invalid_argument(dir + ": checkpoint of peft.method=" + state.at("method").as_string() +
                                 ", this run uses peft.method=" + spec.peft.method);
+  if (const json::Value* pp = state.find("pp"); pp && pp->as_int64() != mesh.dims.pp)
+    throw std::invalid_argument(dir + ": checkpoint written with parallel.pp=" + std::to_string(pp->as_int64()) +
+                                ", this run uses parallel.pp=" + std::to_string(mesh.dims.pp) +
+                                " (the optimizer state is saved per pipeline stage: resume with the same parallel.pp)");
   load_adapter_weights(dir + "/adapter", b.peft,
                        keys_of_other_stages(StagePart::of(spec.model, mesh.pp_rank(), mesh.dims.pp), kAdapterKeyPrefix));
   if (opt) {

@@ -188,6 +188,31 @@ TEST(Sharding, EveryMeshMatchesOneProcessForEveryMethod) {
   }
 }
 
+// The oneDNN frozen-GEMM path (forced onto the tiny model's GEMMs) on every mesh against one
+// process on BLAS: the sharded layers (column- and row-parallel shards, trainable biases,
+// LoRA adding into the output) take the same path as the whole model.
+TEST(Sharding, OneDnnFrozenGemmsOnEveryMeshMatchOneProcessOnBlas) {
+  if (meshes().empty()) GTEST_SKIP() << "one rank: no sharded mesh";
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  Mesh self = self_mesh();
+  for (const std::string method : {"lora", "bitfit", "adapter", "prefix"}) {
+    set_frozen_gemm(FrozenGemm::Blas);
+    const Result ref = run(method, self, "1f1b", 1);
+    set_frozen_gemm(FrozenGemm::OneDnn, /*min_macs=*/0);
+    for (auto [tp, pp] : meshes()) {
+      Mesh mesh = make_mesh(ParallelDims::make(world_size(), tp, pp));
+      const std::string what = method + " (oneDNN) on " + mesh.dims.str();
+      const Result got = run(method, mesh, "1f1b", 2);
+      for (const auto& [name, g] : got.grads) EXPECT_LT(rel_err(g, ref.grads.at(name)), 1e-5) << what << ": " << name;
+      if (got.logits.defined()) {
+        const int64_t share = kBatch / mesh.dims.dp;
+        EXPECT_LT(rel_err(got.logits, ref.logits.narrow(0, share * mesh.dp_rank(), share)), 1e-5) << what << ": logits";
+      }
+    }
+  }
+  set_frozen_gemm(FrozenGemm::OneDnn);  // the default again
+}
+
 TEST(Sharding, GpipeAndOneFOneBGiveIdenticalGradients) {
   for (auto [tp, pp] : meshes()) {
     if (pp == 1) continue;
