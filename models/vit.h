@@ -47,8 +47,9 @@ struct Op : torch::nn::Module {
 // kernels inside LibTorch (the forward and the input gradient both as
 // mkldnn_linear_backward_input, which reads the weight in plain layout), 1.6-1.9x BLAS's
 // GEMM rate on this project's CPU machine (docs/BENCHMARKS.md); no weight gradient is
-// ever computed and no copy of the weight is kept. bf16 GEMMs already go through oneDNN
-// either way; trainable weights, other devices and tiny GEMMs always take torch::linear.
+// ever computed and nothing is cached (the forward transposes the weight per call). bf16
+// GEMMs already go through oneDNN either way; trainable weights, other devices and tiny
+// GEMMs always take torch::linear.
 enum class FrozenGemm { Blas, OneDnn };
 // Below this many multiply-adds a GEMM stays on torch::linear: the per-call layout
 // conversions would cost more than the faster kernel saves.
