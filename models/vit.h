@@ -45,8 +45,8 @@ struct Op : torch::nn::Module {
 // How a DenseLinear whose weight is frozen (requires_grad false) runs its fp32 GEMMs on CPU.
 // Blas: torch::linear (LibTorch's BLAS, OpenBLAS here). OneDnn: oneDNN's inner-product
 // kernels inside LibTorch (the forward and the input gradient both as
-// mkldnn_linear_backward_input, which reads the weight in plain layout), 1.6-1.9x BLAS's
-// GEMM rate on this project's CPU machine (docs/BENCHMARKS.md); no weight gradient is
+// mkldnn_linear_backward_input, which reads the weight in plain layout), 1.0-1.9x BLAS's
+// GEMM rate on this project's CPU machine (bench/kernels.py); no weight gradient is
 // ever computed and nothing is cached (the forward transposes the weight per call). bf16
 // GEMMs already go through oneDNN either way; trainable weights, other devices and tiny
 // GEMMs always take torch::linear.
