@@ -76,6 +76,28 @@ struct FrozenMatmulOneDnn : torch::autograd::Function<FrozenMatmulOneDnn> {
   }
 };
 
+// The same for bf16, where at::mm already runs oneDNN's kernels:
+// y = x W^T as one mm (the bias is added in place by the caller; torch::linear's addmm
+// first broadcasts the bias into the output, 2 ms of a ViT-B block's 34 ms of forward
+// GEMMs), and only W is saved (addmm would also keep x alive for a weight gradient).
+struct FrozenMatmul : torch::autograd::Function<FrozenMatmul> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
+    ctx->save_for_backward({w});
+    // Written into a tensor of the final shape (a view of the mm result could not take the
+    // caller's in-place bias add: autograd forbids in-place ops on views made in here).
+    torch::Tensor y = torch::empty(with_last(x.sizes(), w.size(0)), x.options());
+    torch::Tensor y2d = y.view({-1, w.size(0)});
+    torch::mm_out(y2d, x.reshape({-1, x.size(-1)}), w.t());
+    return y;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const torch::Tensor w = ctx->get_saved_variables()[0];
+    const torch::Tensor& dy = grads[0];
+    return {dy.reshape({-1, dy.size(-1)}).mm(w).view(with_last(dy.sizes(), w.size(1))), torch::Tensor()};
+  }
+};
+
 std::atomic<int64_t> g_onednn_min_macs{kOneDnnMinMacs};
 
 }  // namespace
@@ -90,18 +112,22 @@ void set_frozen_gemm(FrozenGemm path, int64_t min_macs) {
 FrozenGemm frozen_gemm() { return g_frozen_gemm; }
 
 FrozenGemm parse_frozen_gemm(const std::string& name) {
-  if (name == "blas") return FrozenGemm::Blas;
-  if (name == "onednn") return FrozenGemm::OneDnn;
+  for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn})
+    if (name == frozen_gemm_name(path)) return path;
   throw std::invalid_argument("train.frozen_gemm=" + name + " must be onednn or blas");
 }
 
+std::string frozen_gemm_name(FrozenGemm path) { return path == FrozenGemm::OneDnn ? "onednn" : "blas"; }
+
 torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const auto dtype = x.scalar_type();
+  const bool reduced = dtype == torch::kBFloat16;
   const bool eligible = g_frozen_gemm == FrozenGemm::OneDnn && !w.requires_grad() && x.device().is_cpu() &&
-                        x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat &&
-                        (!b.defined() || b.scalar_type() == torch::kFloat) && x.dim() >= 2 &&
+                        (dtype == torch::kFloat || reduced) && w.scalar_type() == dtype &&
+                        (!b.defined() || b.scalar_type() == dtype) && x.dim() >= 2 &&
                         x.numel() / x.size(-1) * w.size(0) * w.size(1) >= g_onednn_min_macs;
   if (!eligible) return torch::linear(x, w, b);
-  torch::Tensor y = FrozenMatmulOneDnn::apply(x, w);
+  torch::Tensor y = reduced ? FrozenMatmul::apply(x, w) : FrozenMatmulOneDnn::apply(x, w);
   // The bias in place (one pass, no new tensor); autograd sums dy for it when it trains.
   return b.defined() ? y.add_(b) : y;
 }
@@ -207,6 +233,49 @@ std::vector<Slot> slots(VisionTransformerImpl& m) {
 
 // --- Attention -------------------------------------------------------------------------
 
+namespace {
+
+// qkv [B, N, 3 * H * hd] -> q [B, H, Q, hd] (the first Q tokens, times `q_scale`), k and v
+// [B, H, N, hd], each contiguous: one copy per part, after which the attention GEMMs read
+// them in place (k transposed by strides). The backward writes the three gradients straight
+// into one [B, N, 3 * H * hd] tensor. Through autograd's own permute/select (or unbind) the
+// same split costs full-size zero tensors or a stack, a permuted-back copy, the GEMMs'
+// copies of the strided k and v, and a separate scaling pass each way: ~5 ms of a ViT-B
+// bf16 block's ~100 ms.
+struct SplitHeads : torch::autograd::Function<SplitHeads> {
+  static torch::autograd::tensor_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv,
+                                              int64_t heads, int64_t queries, double q_scale) {
+    const int64_t B = qkv.size(0), N = qkv.size(1), hd = qkv.size(2) / (3 * heads);
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["q_scale"] = q_scale;
+    auto parts = qkv.view({B, N, 3, heads, hd}).permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd], strided
+    auto part = [&](int64_t i, int64_t tokens) {
+      return torch::empty({B, heads, tokens, hd}, qkv.options()).copy_(parts[i].narrow(2, 0, tokens));
+    };
+    torch::Tensor q = part(0, queries);
+    if (q_scale != 1.0) q.mul_(q_scale);
+    return {q, part(1, N), part(2, N)};
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const int64_t heads = ctx->saved_data["heads"].toInt();
+    const double q_scale = ctx->saved_data["q_scale"].toDouble();
+    // Gradients of unused outputs arrive as zeros (materialised), so all three are defined.
+    const torch::Tensor &gq = grads[0], &gk = grads[1], &gv = grads[2];
+    const int64_t B = gk.size(0), N = gk.size(2), hd = gk.size(3), Q = gq.size(2);
+    torch::Tensor g = Q == N ? torch::empty({B, N, 3, heads, hd}, gk.options())
+                             : torch::zeros({B, N, 3, heads, hd}, gk.options());  // q rows past Q: 0
+    auto parts = g.permute({2, 0, 3, 1, 4});
+    torch::Tensor gq_rows = parts[0].narrow(2, 0, Q).copy_(gq);
+    if (q_scale != 1.0) gq_rows.mul_(q_scale);
+    parts[1].copy_(gk);
+    parts[2].copy_(gv);
+    return {g.view({B, N, 3 * heads * hd}), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 AttentionImpl::AttentionImpl(const ViTConfig& c)
     : heads(c.heads), scale(1.0 / std::sqrt(static_cast<double>(c.head_dim()))) {
   qkv = register_module("qkv", std::make_shared<DenseLinear>(c.dim, 3 * c.dim, c.qkv_bias));
@@ -222,15 +291,15 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, int64_t queries) {
   // The local width may be D/tp under tensor parallelism: derive it from the qkv output.
   torch::Tensor qkv_out = qkv->forward(x);  // [B, N, 3 * H * hd]
   const int64_t local_width = qkv_out.size(2) / 3;
-  const int64_t head_dim = local_width / heads;
-  auto parts = qkv_out.view({B, N, 3, heads, head_dim}).permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd]
-  torch::Tensor q = Q < N ? parts[0].narrow(2, 0, Q) : parts[0], k = parts[1], v = parts[2];
+  // q [B, H, Q, hd] (scaled in the split's copy unless a norm comes first), k and v [B, H, N, hd]
+  auto qkv_parts = SplitHeads::apply(qkv_out, heads, Q, q_norm ? 1.0 : scale);
+  torch::Tensor q = qkv_parts[0], k = qkv_parts[1], v = qkv_parts[2];
   if (q_norm) {
-    q = q_norm->forward(q);
+    q = q_norm->forward(q) * scale;
     k = k_norm->forward(k);
   }
   if (kv_extension) std::tie(k, v) = kv_extension->extend(k, v);
-  torch::Tensor attn = torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);  // [B, H, Q, N]
+  torch::Tensor attn = torch::matmul(q, k.transpose(-2, -1)).softmax(-1);  // [B, H, Q, N]
   torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({B, Q, local_width});
   return proj->forward(out);
 }

@@ -59,6 +59,8 @@ void set_frozen_gemm(FrozenGemm path, int64_t min_macs = kOneDnnMinMacs);
 FrozenGemm frozen_gemm();
 // "blas" | "onednn" (the value of train.frozen_gemm); invalid_argument naming it otherwise.
 FrozenGemm parse_frozen_gemm(const std::string& name);
+// The inverse: "blas" | "onednn".
+std::string frozen_gemm_name(FrozenGemm path);
 // y = x W^T + b under the process-wide path: the layers' single GEMM entry point.
 torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b);
 

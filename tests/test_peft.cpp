@@ -156,6 +156,91 @@ TEST(Peft, MethodsStartAsTheBaseModel) {
   }
 }
 
+// LoRA adds every pair's update into its slice of the base output in place, through its own
+// autograd function. Against the same layer written out of place with plain ops: output,
+// input gradient and every A and B gradient, on each base-GEMM path (fp64 torch::linear,
+// whose 3-D output is a view; fp32 oneDNN and bf16 mm, which are not) and for q,v / q,k,v /
+// k parts of the fused qkv and for a plain Linear (mlp.fc1).
+TEST(Peft, LoraInPlaceUpdateMatchesPlainAutograd) {
+  const ViTConfig c = tiny_config();
+  struct Case {
+    std::string parts, targets;
+  };
+  const std::vector<Case> cases = {{"q,v", ""}, {"q,k,v", ""}, {"k", ""}, {"q,v", "mlp.fc1"}};
+  struct Path {
+    torch::ScalarType dtype;
+    FrozenGemm gemm;
+    double tol;
+  };
+  const std::vector<Path> paths = {{torch::kDouble, FrozenGemm::Blas, 1e-12},
+                                   {torch::kFloat, FrozenGemm::OneDnn, 1e-5},
+                                   {torch::kBFloat16, FrozenGemm::OneDnn, 3e-2}};
+  for (const Case& cs : cases) {
+    for (const Path& path : paths) {
+      if (path.gemm == FrozenGemm::OneDnn && !at::hasMKLDNN()) continue;
+      FrozenGemmScope scope(path.gemm, 0);
+      VisionTransformer m = make(c);
+      PeftConfig cfg = peft("lora");
+      cfg.qkv_parts = cs.parts;
+      cfg.targets = cs.targets;
+      PeftState s = apply_peft(*m, cfg);
+      perturb(s);
+      const std::string where = cs.targets.empty() ? "attn.qkv" : "mlp.fc1";
+      Op& layer = cs.targets.empty() ? *m->block(1)->attn->qkv : *m->block(1)->mlp->fc1;
+      if (path.dtype == torch::kBFloat16) {
+        cast_frozen(*m, torch::kBFloat16);
+      } else {
+        m->to(path.dtype);
+      }
+      std::map<std::string, torch::Tensor> params;  // the layer's, as it now holds them
+      for (const auto& p : layer.named_parameters()) params[p.key()] = p.value();
+      torch::manual_seed(4);
+      const torch::Tensor x0 = torch::randn({3, 17, c.dim}, torch::kFloat64);
+      const int64_t out = params.at("base_layer.weight").size(0);
+      const torch::Tensor r = torch::randn({3, 17, out}, torch::kFloat64);
+
+      // fast: the layer itself
+      torch::Tensor x = x0.to(path.dtype).requires_grad_(true);
+      torch::Tensor y = layer.forward(x);
+      (y.to(torch::kFloat64) * r).sum().backward();
+      // reference: out of place, float64, from the same values
+      torch::Tensor xr = x0.to(path.dtype).to(torch::kFloat64).requires_grad_(true);
+      torch::Tensor wr = params.at("base_layer.weight").detach().to(torch::kFloat64);
+      torch::Tensor br = params.at("base_layer.bias").detach().to(torch::kFloat64);
+      const int64_t rows = cs.targets.empty() ? out / 3 : out;
+      std::vector<torch::Tensor> chunks;
+      std::map<std::string, torch::Tensor> ref_params;
+      const std::vector<std::string> names = cs.targets.empty() ? std::vector<std::string>{"q", "k", "v"}
+                                                                : std::vector<std::string>{""};
+      for (const auto& n : names) {
+        const std::string sfx = n.empty() ? "" : "_" + n;
+        if (!params.count("lora_A" + sfx + ".weight")) {
+          chunks.push_back(torch::zeros({3, 17, rows}, torch::kFloat64));
+          continue;
+        }
+        torch::Tensor a = params.at("lora_A" + sfx + ".weight").detach().to(torch::kFloat64).requires_grad_(true);
+        torch::Tensor b = params.at("lora_B" + sfx + ".weight").detach().to(torch::kFloat64).requires_grad_(true);
+        ref_params["lora_A" + sfx + ".weight"] = a;
+        ref_params["lora_B" + sfx + ".weight"] = b;
+        chunks.push_back(torch::linear(torch::linear(xr, a), b) * (cfg.alpha / cfg.rank));
+      }
+      torch::Tensor yr = torch::linear(xr, wr, br) + torch::cat(chunks, -1);
+      (yr * r).sum().backward();
+
+      const std::string what = where + " parts " + cs.parts + " dtype " + std::string(c10::toString(path.dtype));
+      EXPECT_LT(rel_err(y.detach().to(torch::kFloat64), yr.detach()), path.tol) << what << ": output";
+      EXPECT_LT(rel_err(x.grad().to(torch::kFloat64), xr.grad()), path.tol) << what << ": input gradient";
+      ASSERT_FALSE(ref_params.empty()) << what;
+      for (const auto& [name, ref] : ref_params) {
+        const torch::Tensor& g = params.at(name).grad();
+        ASSERT_TRUE(g.defined()) << what << ": " << name;
+        EXPECT_EQ(g.scalar_type(), params.at(name).scalar_type()) << what << ": " << name;
+        EXPECT_LT(rel_err(g.to(torch::kFloat64), ref.grad()), path.tol) << what << ": " << name;
+      }
+    }
+  }
+}
+
 TEST(Peft, AdapterParameterNamesFollowHfPeft) {
   VisionTransformer m = make(tiny_config());
   PeftState s = apply_peft(*m, peft("lora"));

@@ -305,20 +305,6 @@ TEST(ViT, NoHeadReturnsPooledFeatures) {
 
 // --- Frozen GEMMs through oneDNN ---------------------------------------------------------
 
-namespace {
-
-struct FrozenGemmScope {  // restores the process-wide path
-  explicit FrozenGemmScope(FrozenGemm p) : saved(frozen_gemm()) { set_frozen_gemm(p); }
-  ~FrozenGemmScope() { set_frozen_gemm(saved); }
-  FrozenGemm saved;
-};
-
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a - b).norm().item<double>() / (b.norm().item<double>() + 1e-30);
-}
-
-}  // namespace
-
 TEST(FrozenGemm, ParsesTheTwoPathsAndNamesABadOne) {
   EXPECT_EQ(parse_frozen_gemm("blas"), FrozenGemm::Blas);
   EXPECT_EQ(parse_frozen_gemm("onednn"), FrozenGemm::OneDnn);
@@ -330,45 +316,66 @@ TEST(FrozenGemm, ParsesTheTwoPathsAndNamesABadOne) {
   }
 }
 
-TEST(FrozenGemm, OneDnnMatchesBlasInValueAndGradients) {
+namespace {
+
+// Whether `y`'s GEMM node (under the in-place bias add) is the custom function `name`
+// (autograd names it "torch::autograd::CppNode<...::name>").
+bool gemm_node_is(const torch::Tensor& y, const std::string& name) {
+  auto is = [&](const std::shared_ptr<torch::autograd::Node>& f) {
+    return f && f->name().find("::" + name + ">") != std::string::npos;
+  };
+  if (!y.grad_fn()) return false;
+  if (is(y.grad_fn())) return true;
+  for (const auto& edge : y.grad_fn()->next_edges())
+    if (is(edge.function)) return true;
+  return false;
+}
+
+}  // namespace
+
+// fp32: the oneDNN inner-product path; bf16: one mm (oneDNN's bf16 GEMM either way) with the
+// bias added in place. Each against torch::linear (the Blas setting) in value and gradients.
+TEST(FrozenGemm, FastPathsMatchTorchLinearInValueAndGradients) {
   if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
   torch::manual_seed(3);
-  const torch::Tensor w = torch::randn({96, 160}) * 0.1;  // frozen: requires_grad false
-  const torch::Tensor b0 = torch::randn({96});
-  // 3-D input and a non-contiguous one (a transposed view), as attention outputs are.
-  for (bool contiguous : {true, false}) {
-    torch::Tensor base = contiguous ? torch::randn({4, 70, 160}) : torch::randn({4, 160, 70}).transpose(1, 2);
-    std::map<FrozenGemm, std::vector<torch::Tensor>> got;
-    for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) {
-      FrozenGemmScope scope(path);
-      torch::Tensor x = base.detach().clone().requires_grad_(true);
-      torch::Tensor b = b0.clone().requires_grad_(true);  // a trainable bias (BitFit)
-      torch::Tensor y = frozen_aware_linear(x, w, b);
-      if (path == FrozenGemm::OneDnn) {
-        ASSERT_TRUE(y.grad_fn());
-        // The GEMM node sits under the bias add: the oneDNN path really ran.
-        bool found = false;
-        for (const auto& edge : y.grad_fn()->next_edges())
-          if (edge.function && edge.function->name().find("FrozenMatmulOneDnn") != std::string::npos) found = true;
-        EXPECT_TRUE(found) << y.grad_fn()->name();
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    const bool bf16 = dtype == torch::kBFloat16;
+    const torch::Tensor w = (torch::randn({96, 160}) * 0.1).to(dtype);  // frozen: requires_grad false
+    const torch::Tensor b0 = torch::randn({96}).to(dtype);
+    // 3-D input and a non-contiguous one (a transposed view), as attention outputs are.
+    for (bool contiguous : {true, false}) {
+      torch::Tensor base = (contiguous ? torch::randn({4, 70, 160}) : torch::randn({4, 160, 70}).transpose(1, 2)).to(dtype);
+      std::map<FrozenGemm, std::vector<torch::Tensor>> got;
+      for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) {
+        FrozenGemmScope scope(path);
+        torch::Tensor x = base.detach().clone().requires_grad_(true);
+        torch::Tensor b = b0.clone().requires_grad_(true);  // a trainable bias (BitFit)
+        torch::Tensor y = frozen_aware_linear(x, w, b);
+        const std::string node = bf16 ? "FrozenMatmul" : "FrozenMatmulOneDnn";
+        EXPECT_EQ(gemm_node_is(y, node), path == FrozenGemm::OneDnn) << y.grad_fn()->name();
+        y.narrow(-1, 10, 20).mul_(2.0);  // callers add into the output in place (LoRA on q/v)
+        (y * torch::linspace(-1, 1, 96).to(dtype)).sum().backward();
+        got[path] = {y.detach().to(torch::kFloat), x.grad().to(torch::kFloat), b.grad().to(torch::kFloat)};
       }
-      y.narrow(-1, 10, 20).mul_(2.0);  // callers add into the output in place (LoRA on q/v)
-      (y * torch::linspace(-1, 1, 96)).sum().backward();
-      got[path] = {y.detach(), x.grad(), b.grad()};
+      // bf16: both round to bf16 (8 bits), the fast path once more (after the GEMM, before the bias).
+      const double tol = bf16 ? 1e-2 : 1e-5;
+      for (size_t i = 0; i < 3; ++i)
+        EXPECT_LT(rel_err(got[FrozenGemm::OneDnn][i], got[FrozenGemm::Blas][i]), tol) << "tensor " << i << " " << dtype;
     }
-    for (size_t i = 0; i < 3; ++i)
-      EXPECT_LT(rel_err(got[FrozenGemm::OneDnn][i], got[FrozenGemm::Blas][i]), 1e-5) << "tensor " << i;
   }
 }
 
 TEST(FrozenGemm, TrainableWeightsAndTinyGemmsKeepTorchLinear) {
   FrozenGemmScope scope(FrozenGemm::OneDnn);
-  torch::Tensor x = torch::randn({64, 128}, torch::requires_grad());
-  torch::Tensor w = torch::randn({128, 128}, torch::requires_grad());
-  torch::Tensor y = frozen_aware_linear(x, w, torch::Tensor());
-  EXPECT_EQ(y.grad_fn()->name().find("FrozenMatmulOneDnn"), std::string::npos) << y.grad_fn()->name();
-  torch::Tensor small = frozen_aware_linear(torch::randn({2, 8}, torch::requires_grad()), torch::randn({4, 8}), {});
-  EXPECT_EQ(small.grad_fn()->name().find("FrozenMatmulOneDnn"), std::string::npos) << small.grad_fn()->name();
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    torch::Tensor x = torch::randn({64, 128}).to(dtype).requires_grad_(true);
+    torch::Tensor w = torch::randn({128, 128}).to(dtype).requires_grad_(true);
+    torch::Tensor y = frozen_aware_linear(x, w, torch::Tensor());
+    EXPECT_EQ(y.grad_fn()->name().find("FrozenMatmul"), std::string::npos) << y.grad_fn()->name();
+    torch::Tensor small =
+        frozen_aware_linear(torch::randn({2, 8}).to(dtype).requires_grad_(true), torch::randn({4, 8}).to(dtype), {});
+    EXPECT_EQ(small.grad_fn()->name().find("FrozenMatmul"), std::string::npos) << small.grad_fn()->name();
+  }
 }
 
 TEST(FrozenGemm, FrozenViTForwardAndBackwardAgreeOnBothPaths) {
@@ -424,6 +431,58 @@ TEST(ViT, ClsOnlyLastBlockEqualsTheFullBlockInValueAndGradient) {
     for (const auto& [name, t] : full) {
       ASSERT_TRUE(pruned.count(name)) << describe(c) << " " << name;
       EXPECT_TRUE(torch::allclose(pruned[name], t, 1e-10, 1e-12)) << describe(c) << " " << name;
+    }
+  }
+}
+
+// Attention splits q, k, v with its own autograd function (one copy per part, gradients
+// written straight into the qkv layout). Against the same attention composed from plain
+// autograd ops, in float64: output, input gradient and every parameter gradient, for every
+// model variant (qk_norm included) and for the cls-only query case.
+TEST(ViT, AttentionSplitMatchesPlainAutograd) {
+  for (const ViTConfig& c : tiny_variants()) {
+    for (int64_t queries : {0, 1, 3}) {
+      torch::manual_seed(21);
+      Attention attn(c);
+      randomize_for_test(*attn);
+      attn->to(torch::kDouble);
+      const int64_t B = 3, N = 7, D = c.dim, H = c.heads, hd = D / H;
+      const torch::Tensor x0 = torch::randn({B, N, D}, torch::kDouble);
+      const int64_t Q = queries > 0 ? queries : N;
+      const torch::Tensor r = torch::randn({B, Q, D}, torch::kDouble);
+
+      auto run = [&](bool plain) {
+        for (auto& p : attn->parameters()) p.mutable_grad() = torch::Tensor();
+        torch::Tensor x = x0.clone().requires_grad_(true);
+        torch::Tensor out;
+        if (!plain) {
+          out = attn->forward(x, queries);
+        } else {
+          auto* qkv = dynamic_cast<DenseLinear*>(attn->qkv.get());
+          auto* proj = dynamic_cast<DenseLinear*>(attn->proj.get());
+          auto parts = torch::linear(x, qkv->weight, qkv->bias).view({B, N, 3, H, hd}).permute({2, 0, 3, 1, 4});
+          torch::Tensor q = parts[0].narrow(2, 0, Q), k = parts[1], v = parts[2];
+          if (c.qk_norm) {
+            auto* qn = dynamic_cast<LayerNormOp*>(attn->q_norm.get());
+            auto* kn = dynamic_cast<LayerNormOp*>(attn->k_norm.get());
+            q = torch::layer_norm(q, {hd}, qn->weight, qn->bias, 1e-6);
+            k = torch::layer_norm(k, {hd}, kn->weight, kn->bias, 1e-6);
+          }
+          torch::Tensor a = torch::softmax(torch::matmul(q / std::sqrt(double(hd)), k.transpose(-2, -1)), -1);
+          out = torch::linear(torch::matmul(a, v).transpose(1, 2).reshape({B, Q, D}), proj->weight, proj->bias);
+        }
+        (out * r).sum().backward();
+        std::vector<torch::Tensor> got{out.detach(), x.grad()};
+        for (auto& p : attn->parameters()) got.push_back(p.grad().clone());
+        return got;
+      };
+      const auto fast = run(false), plain = run(true);
+      ASSERT_EQ(fast.size(), plain.size());
+      // Relative, with a floor of 1: k_norm's bias has an exact zero gradient (it shifts
+      // every score of a query alike), which both sides reach only to rounding.
+      for (size_t i = 0; i < fast.size(); ++i)
+        EXPECT_LT((fast[i] - plain[i]).norm().item<double>(), 1e-12 * std::max(1.0, plain[i].norm().item<double>()))
+            << describe(c) << " queries " << queries << " tensor " << i;
     }
   }
 }

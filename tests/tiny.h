@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "models/vit.h"
 #include "models/vit_config.h"
 
 namespace shardtune {
@@ -62,6 +63,20 @@ inline void randomize_for_test(torch::nn::Module& m) {
                       k.find("gamma") != std::string::npos;
     p.value().normal_(scale_like ? 1.0 : 0.0, 0.3);
   }
+}
+
+// Sets the process-wide frozen-GEMM path (and size floor) for a scope, then restores it.
+struct FrozenGemmScope {
+  explicit FrozenGemmScope(FrozenGemm p, int64_t min_macs = kOneDnnMinMacs) : saved(frozen_gemm()) {
+    set_frozen_gemm(p, min_macs);
+  }
+  ~FrozenGemmScope() { set_frozen_gemm(saved); }
+  FrozenGemm saved;
+};
+
+// ||a - b|| / ||b||
+inline double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).norm().item<double>() / (b.norm().item<double>() + 1e-30);
 }
 
 }  // namespace shardtune

@@ -434,7 +434,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     mj.set("schedule", spec.schedule);
     summary.set("mesh", mj);
     summary.set("precision", spec.train.precision);
-    summary.set("frozen_gemm", frozen_gemm() == FrozenGemm::OneDnn ? "onednn" : "blas");
+    summary.set("frozen_gemm", frozen_gemm_name(frozen_gemm()));
     summary.set("method", spec.peft.method);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
   }

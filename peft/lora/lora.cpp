@@ -9,6 +9,8 @@
 // base A's columns of this rank's inputs and B whole, the update added to the partial
 // output before the all-reduce. Both enter the region through f, so their gradients are
 // summed over the tp group.
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <stdexcept>
 
 #include "peft/method.h"
@@ -20,6 +22,72 @@ namespace {
 struct LoraPair {
   int64_t offset, rows;  // output rows [offset, offset + rows) of the base layer
   torch::Tensor A, B;    // A [r, in], B [rows, r]
+};
+
+// y[..., start_i : start_i + count_i] += scaling * B_i A_i x for every pair i, in place on the
+// base output y, as two GEMMs for all pairs together: u = x [A_1; A_2; ...]^T, then
+// y += scaling * u Bd^T with Bd the pairs' B placed block-diagonally over y's columns (zeros
+// elsewhere; the extra multiply-adds are r * out per token, noise beside the base GEMM).
+// Every GEMM reads and writes whole dense matrices, which oneDNN's fast kernels need (on
+// column slices of y or dy it falls back to a ~3x slower one), and the backward reads dy
+// once. Through autograd's ops the same also costs a clone of the whole dy (CopySlices, for
+// the in-place slice adds) and a dozen small nodes. `ab` = [A_1, B_1, A_2, B_2, ...] as the
+// layer uses them (A [r, in], B [count_i, r], any dtype: cast to x's); gradients come back
+// in their dtypes.
+struct LoraAddInPlace : torch::autograd::Function<LoraAddInPlace> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor y, const torch::Tensor& x,
+                               torch::TensorList ab, std::vector<int64_t> starts, double scaling) {
+    const int64_t pairs = static_cast<int64_t>(starts.size()), r = ab[0].size(0);
+    const auto dtype = x.scalar_type();
+    std::vector<torch::Tensor> as;
+    for (int64_t i = 0; i < pairs; ++i) as.push_back(ab[2 * i].to(dtype));
+    torch::Tensor bd = torch::zeros({y.size(-1), pairs * r}, x.options());  // [out, pairs * r]
+    for (int64_t i = 0; i < pairs; ++i) {
+      const torch::Tensor& b = ab[2 * i + 1];
+      bd.narrow(0, starts[i], b.size(0)).narrow(1, i * r, r).copy_(b);
+    }
+    torch::Tensor x2d = x.reshape({-1, x.size(-1)});
+    torch::Tensor a_cat = torch::cat(as, 0);  // [pairs * r, in]
+    torch::Tensor u = x2d.mm(a_cat.t());      // [M, pairs * r]
+    y.view({-1, y.size(-1)}).addmm_(u, bd.t(), 1.0, scaling);
+    ctx->mark_dirty({y});
+    ctx->save_for_backward({x2d, a_cat, u, bd});
+    ctx->saved_data["starts"] = starts;
+    std::vector<int64_t> counts;
+    for (int64_t i = 0; i < pairs; ++i) counts.push_back(ab[2 * i + 1].size(0));
+    ctx->saved_data["counts"] = counts;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["a_dtype"] = static_cast<int64_t>(ab[0].scalar_type());
+    ctx->saved_data["b_dtype"] = static_cast<int64_t>(ab[1].scalar_type());
+    return y;
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x2d = saved[0], &a_cat = saved[1], &u = saved[2], &bd = saved[3];
+    const auto starts = ctx->saved_data["starts"].toIntVector();
+    const auto counts = ctx->saved_data["counts"].toIntVector();
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const auto a_dtype = static_cast<torch::ScalarType>(ctx->saved_data["a_dtype"].toInt());
+    const auto b_dtype = static_cast<torch::ScalarType>(ctx->saved_data["b_dtype"].toInt());
+    const int64_t pairs = static_cast<int64_t>(starts.size()), r = a_cat.size(0) / pairs;
+    const torch::Tensor& dy = grads[0];
+    torch::Tensor dy2d = dy.reshape({-1, dy.size(-1)});
+    torch::Tensor du = dy2d.mm(bd).mul_(scaling);              // [M, pairs * r]
+    torch::Tensor dbd = dy2d.t().mm(u).mul_(scaling);          // [out, pairs * r]
+    torch::Tensor da = du.t().mm(x2d);                         // [pairs * r, in]
+    // y: the add passes dy through; x: the down-projections' input gradient
+    torch::autograd::tensor_list out{dy, du.mm(a_cat).view(ctx->saved_data["x_sizes"].toIntVector())};
+    for (int64_t i = 0; i < pairs; ++i) {
+      out.push_back(da.narrow(0, i * r, r).to(a_dtype));
+      out.push_back(dbd.narrow(0, starts[i], counts[i]).narrow(1, i * r, r).to(b_dtype).contiguous());
+    }
+    out.push_back(torch::Tensor());  // starts
+    out.push_back(torch::Tensor());  // scaling
+    return out;
+  }
 };
 
 struct LoraLinear : Op, Mergeable {
@@ -47,15 +115,19 @@ struct LoraLinear : Op, Mergeable {
     torch::Tensor xe = dense->enter(x);
     torch::Tensor y = dense->local(xe);
     torch::Tensor xin = dropout_p > 0 ? torch::dropout(xe, dropout_p, is_training()) : xe;
-    auto delta = [&](const LoraPair& p) {
-      torch::Tensor A = dense->in_cols(dense->region(p.A), 1), B = dense->out_rows(dense->region(p.B), p.offset);
-      return torch::linear(torch::linear(xin, cast_like(A, xin)), cast_like(B, xin));
-    };
-    if (pairs.size() == 1 && pairs[0].rows == dense->out_features) return dense->leave(y + delta(pairs[0]) * scaling);
-    for (const auto& p : pairs) {  // in place into the output slice: the base's backward does not need y
+    // Each pair's A and B as this rank uses them (tensor parallelism: its columns / rows).
+    std::vector<torch::Tensor> ab;
+    std::vector<int64_t> starts;
+    for (const auto& p : pairs) {
       auto [start, count] = dense->local_range(p.offset, p.rows);
-      if (count > 0) y.narrow(-1, start, count).add_(delta(p), scaling);
+      if (count == 0) continue;
+      ab.push_back(dense->in_cols(dense->region(p.A), 1));
+      ab.push_back(dense->out_rows(dense->region(p.B), p.offset));
+      starts.push_back(start);
     }
+    // The base outputs are dense. Where one is a view (torch::linear's on a 3-D input),
+    // autograd wraps this in-place update in a CopySlices node: slower, equally exact.
+    if (!starts.empty()) y = LoraAddInPlace::apply(y, xin, torch::TensorList(ab), starts, scaling);
     return dense->leave(y);
   }
 

@@ -142,7 +142,7 @@ Result run(const std::string& method, const Mesh& mesh, const std::string& sched
   return r;
 }
 
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+double max_rel_err(const torch::Tensor& a, const torch::Tensor& b) {
   const double scale = b.abs().max().item<double>();
   return (a - b).abs().max().item<double>() / (scale > 0 ? scale : 1.0);
 }
@@ -174,11 +174,11 @@ TEST(Sharding, EveryMeshMatchesOneProcessForEveryMethod) {
       ASSERT_FALSE(got.grads.empty() && method != "linear" && mesh.pp_rank() == mesh.dims.pp - 1) << what;
       for (const auto& [name, g] : got.grads) {
         ASSERT_TRUE(ref.grads.count(name)) << what << ": " << name << " is not a parameter of the whole model";
-        EXPECT_LT(rel_err(g, ref.grads.at(name)), 1e-5) << what << ": gradient of " << name;
+        EXPECT_LT(max_rel_err(g, ref.grads.at(name)), 1e-5) << what << ": gradient of " << name;
       }
       if (got.logits.defined()) {
         const int64_t share = kBatch / mesh.dims.dp;
-        EXPECT_LT(rel_err(got.logits, ref.logits.narrow(0, share * mesh.dp_rank(), share)), 1e-5) << what << ": logits";
+        EXPECT_LT(max_rel_err(got.logits, ref.logits.narrow(0, share * mesh.dp_rank(), share)), 1e-5) << what << ": logits";
       }
       // Every stage's parameters together are the whole model's.
       torch::Tensor count = torch::tensor({static_cast<int64_t>(got.grads.size())}, torch::kInt64);
@@ -203,10 +203,10 @@ TEST(Sharding, OneDnnFrozenGemmsOnEveryMeshMatchOneProcessOnBlas) {
       Mesh mesh = make_mesh(ParallelDims::make(world_size(), tp, pp));
       const std::string what = method + " (oneDNN) on " + mesh.dims.str();
       const Result got = run(method, mesh, "1f1b", 2);
-      for (const auto& [name, g] : got.grads) EXPECT_LT(rel_err(g, ref.grads.at(name)), 1e-5) << what << ": " << name;
+      for (const auto& [name, g] : got.grads) EXPECT_LT(max_rel_err(g, ref.grads.at(name)), 1e-5) << what << ": " << name;
       if (got.logits.defined()) {
         const int64_t share = kBatch / mesh.dims.dp;
-        EXPECT_LT(rel_err(got.logits, ref.logits.narrow(0, share * mesh.dp_rank(), share)), 1e-5) << what << ": logits";
+        EXPECT_LT(max_rel_err(got.logits, ref.logits.narrow(0, share * mesh.dp_rank(), share)), 1e-5) << what << ": logits";
       }
     }
   }

@@ -1,0 +1,90 @@
+// In-process A/B of the frozen-backbone LoRA training step (issue 8): one ViT, one batch,
+// the step run under each variant in turn (A B C A B C ...), so slow phases of a shared
+// machine hit every variant alike. Variants switch ShardTune's process-wide GEMM path for
+// frozen weights:
+//   onednn   train.frozen_gemm onednn, the default (fp32: oneDNN inner-product kernels;
+//            bf16: one mm, the bias added in place, only the weight saved for backward)
+//   blas     train.frozen_gemm blas: torch::linear, as the Python twin calls it
+// Prints per variant the best and the median step time (ms) and the loss of the last step.
+//
+//   cmake --build build --target shardtune_step_ab
+//   OMP_NUM_THREADS=2 build/shardtune_step_ab [arch=vit_base_patch16_224] [precision=bf16]
+//                                             [batch=8] [rounds=8] [variants=onednn,blas]
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/runtime.h"
+#include "models/vit.h"
+#include "models/vit_config.h"
+#include "peft/method.h"
+
+using namespace shardtune;
+
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> arg{{"arch", "vit_base_patch16_224"}, {"precision", "bf16"}, {"batch", "8"},
+                                         {"rounds", "8"}, {"variants", "onednn,blas"}};
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto eq = a.find('=');
+    if (eq == std::string::npos || !arg.count(a.substr(0, eq))) {
+      std::fprintf(stderr, "usage: %s [arch=A] [precision=fp32|bf16] [batch=B] [rounds=R] [variants=a,b]\n", argv[0]);
+      return 2;
+    }
+    arg[a.substr(0, eq)] = a.substr(eq + 1);
+  }
+  configure_runtime();  // the malloc tuning and threads shardtune itself runs with
+  const bool bf16 = arg["precision"] == "bf16";
+  const int64_t batch = std::stoll(arg["batch"]), rounds = std::stoll(arg["rounds"]);
+  std::vector<std::string> variants;
+  std::stringstream ss(arg["variants"]);
+  for (std::string v; std::getline(ss, v, ',');) variants.push_back(v);
+
+  ViTConfig c = vit_preset(arg["arch"]);
+  c.num_classes = 10;
+  torch::manual_seed(0);
+  VisionTransformer model(c);
+  PeftConfig p;
+  p.method = "lora";
+  PeftState state = apply_peft(*model, p);
+  if (bf16) cast_frozen(*model, torch::kBFloat16);
+  std::vector<torch::Tensor> params;
+  for (auto& [_, t] : state.trainable) params.push_back(t);
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4));
+  torch::Tensor images = torch::randn({batch, c.in_chans, c.image_size, c.image_size});
+  if (bf16) images = images.to(torch::kBFloat16);
+  torch::Tensor labels = torch::randint(0, 10, {batch});
+
+  auto apply = [](const std::string& v) { set_frozen_gemm(parse_frozen_gemm(v)); };
+  std::map<std::string, std::vector<double>> ms;
+  std::map<std::string, double> loss;
+  for (int64_t r = 0; r <= rounds; ++r) {  // round 0 warms every variant up, untimed
+    for (const auto& v : variants) {
+      apply(v);
+      auto t0 = std::chrono::steady_clock::now();
+      opt.zero_grad();
+      torch::Tensor l = torch::cross_entropy_loss(model->forward(images).to(torch::kFloat), labels);
+      l.backward();
+      opt.step();
+      double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (r > 0) ms[v].push_back(dt);
+      loss[v] = l.item<double>();
+    }
+  }
+  std::printf("# %s %s batch %lld, %lld rounds, %d threads\n", arg["arch"].c_str(), arg["precision"].c_str(),
+              static_cast<long long>(batch), static_cast<long long>(rounds), torch::get_num_threads());
+  std::printf("| variant | best step | median step | last loss |\n|---|---|---|---|\n");
+  for (const auto& v : variants) {
+    auto t = ms[v];
+    std::sort(t.begin(), t.end());
+    std::printf("| %s | %.1f ms | %.1f ms | %.4f |\n", v.c_str(), t.front(), t[t.size() / 2], loss[v]);
+  }
+  return 0;
+}
