@@ -61,7 +61,7 @@ po::options_description config_key_options() {
     ("train.grad_clip", po::value<double>(), "clip the global gradient norm (0: off)")
     ("train.label_smoothing", po::value<double>(), "cross-entropy label smoothing")
     ("train.precision", po::value<std::string>(), "fp32 | bf16 (frozen weights stored in bf16, trainable ones fp32)")
-    ("train.frozen_gemm", po::value<std::string>(), "fp32 GEMMs of frozen weights on CPU: onednn (default) | blas")
+    ("train.frozen_gemm", po::value<std::string>(), "GEMMs of frozen weights on CPU: onednn (default; bf16: one mm, bias in place) | blas (torch::linear)")
     ("train.eval_every", po::value<int64_t>(), "evaluate every N steps (0: at the end only)")
     ("train.log_every", po::value<int64_t>(), "log every N steps")
     ("train.exit_interval", po::value<int64_t>(), "stop after N steps of this run, with a checkpoint")

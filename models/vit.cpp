@@ -76,10 +76,11 @@ struct FrozenMatmulOneDnn : torch::autograd::Function<FrozenMatmulOneDnn> {
   }
 };
 
-// The same for bf16, where at::mm already runs oneDNN's kernels:
-// y = x W^T as one mm (the bias is added in place by the caller; torch::linear's addmm
-// first broadcasts the bias into the output, 2 ms of a ViT-B block's 34 ms of forward
-// GEMMs), and only W is saved (addmm would also keep x alive for a weight gradient).
+// The same for bf16, where at::mm already runs oneDNN's kernels: y = x W^T as one mm, the
+// bias added in place by the caller (torch::linear's addmm first broadcasts the bias into
+// the output and has the GEMM add onto it), and only W saved (addmm's node would also keep
+// x for a weight gradient). The ViT-B bf16 step: 5% faster than through torch::linear
+// (bench/step_ab.cpp, docs/BENCHMARKS.md).
 struct FrozenMatmul : torch::autograd::Function<FrozenMatmul> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
     ctx->save_for_backward({w});
@@ -238,10 +239,10 @@ namespace {
 // qkv [B, N, 3 * H * hd] -> q [B, H, Q, hd] (the first Q tokens, times `q_scale`), k and v
 // [B, H, N, hd], each contiguous: one copy per part, after which the attention GEMMs read
 // them in place (k transposed by strides). The backward writes the three gradients straight
-// into one [B, N, 3 * H * hd] tensor. Through autograd's own permute/select (or unbind) the
-// same split costs full-size zero tensors or a stack, a permuted-back copy, the GEMMs'
-// copies of the strided k and v, and a separate scaling pass each way: ~5 ms of a ViT-B
-// bf16 block's ~100 ms.
+// into one [B, N, 3 * H * hd] tensor. Through autograd's own permute and select the same
+// split costs a full-size zero tensor per part and their sum (select's backward), a
+// permuted-back copy, the GEMMs' own copies of the strided k and v, and a separate scaling
+// pass each way.
 struct SplitHeads : torch::autograd::Function<SplitHeads> {
   static torch::autograd::tensor_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv,
                                               int64_t heads, int64_t queries, double q_scale) {

@@ -42,14 +42,15 @@ struct Op : torch::nn::Module {
 };
 
 // --- Frozen GEMMs ------------------------------------------------------------------------
-// How a DenseLinear whose weight is frozen (requires_grad false) runs its fp32 GEMMs on CPU.
-// Blas: torch::linear (LibTorch's BLAS, OpenBLAS here). OneDnn: oneDNN's inner-product
-// kernels inside LibTorch (the forward and the input gradient both as
-// mkldnn_linear_backward_input, which reads the weight in plain layout), 1.0-1.9x BLAS's
-// GEMM rate on this project's CPU machine (bench/kernels.py); no weight gradient is
-// ever computed and nothing is cached (the forward transposes the weight per call). bf16
-// GEMMs already go through oneDNN either way; trainable weights, other devices and tiny
-// GEMMs always take torch::linear.
+// How a DenseLinear whose weight is frozen (requires_grad false) runs its GEMMs on CPU.
+// Blas: torch::linear (LibTorch's BLAS for fp32, OpenBLAS here; oneDNN for bf16), as a
+// Python nn.Linear does. OneDnn, fp32: oneDNN's inner-product kernels inside LibTorch (the
+// forward and the input gradient both as mkldnn_linear_backward_input, which reads the
+// weight in plain layout), 1.0-1.9x BLAS's GEMM rate on this project's CPU machine
+// (bench/kernels.py); bf16: one mm (oneDNN's bf16 GEMM) with the bias added in place, 3-6%
+// off the ViT-B step (bench/step_ab.cpp). Either way no weight gradient is ever computed
+// and nothing is cached (the fp32 forward transposes the weight per call); trainable
+// weights, other dtypes and devices and tiny GEMMs always take torch::linear.
 enum class FrozenGemm { Blas, OneDnn };
 // Below this many multiply-adds a GEMM stays on torch::linear: the per-call layout
 // conversions would cost more than the faster kernel saves.

@@ -28,10 +28,11 @@ struct LoraPair {
 // base output y, as two GEMMs for all pairs together: u = x [A_1; A_2; ...]^T, then
 // y += scaling * u Bd^T with Bd the pairs' B placed block-diagonally over y's columns (zeros
 // elsewhere; the extra multiply-adds are r * out per token, noise beside the base GEMM).
-// Every GEMM reads and writes whole dense matrices, which oneDNN's fast kernels need (on
-// column slices of y or dy it falls back to a ~3x slower one), and the backward reads dy
-// once. Through autograd's ops the same also costs a clone of the whole dy (CopySlices, for
-// the in-place slice adds) and a dozen small nodes. `ab` = [A_1, B_1, A_2, B_2, ...] as the
+// Every GEMM reads and writes whole dense matrices: on column slices of y or dy oneDNN
+// 2.6 leaves its brgemm kernels for a slower generic one (`ONEDNN_VERBOSE=1` names the
+// kernel: gemm:jit instead of brg:avx512_core_bf16). Through autograd's ops the same also
+// costs a clone of the whole dy (CopySlices, for the in-place slice adds) and a dozen
+// small nodes. `ab` = [A_1, B_1, A_2, B_2, ...] as the
 // layer uses them (A [r, in], B [count_i, r], any dtype: cast to x's); gradients come back
 // in their dtypes.
 struct LoraAddInPlace : torch::autograd::Function<LoraAddInPlace> {
