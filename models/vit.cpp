@@ -79,7 +79,7 @@ struct FrozenMatmulOneDnn : torch::autograd::Function<FrozenMatmulOneDnn> {
 // The same for bf16, where at::mm already runs oneDNN's kernels: y = x W^T as one mm, the
 // bias added in place by the caller (torch::linear's addmm first broadcasts the bias into
 // the output and has the GEMM add onto it), and only W saved (addmm's node would also keep
-// x for a weight gradient). The ViT-B bf16 step: 5% faster than through torch::linear
+// x for a weight gradient). The ViT-B bf16 step: 3-6% faster than through torch::linear
 // (bench/step_ab.cpp, docs/BENCHMARKS.md).
 struct FrozenMatmul : torch::autograd::Function<FrozenMatmul> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
