@@ -48,54 +48,42 @@ namespace {
 
 std::atomic<FrozenGemm> g_frozen_gemm{at::hasMKLDNN() ? FrozenGemm::OneDnn : FrozenGemm::Blas};
 
-// a [M, K] @ b [K, N] as oneDNN's inner-product backward-data kernel computes it
-// (grad_input = grad_output @ weight with weight [out, in] = b, read in plain layout),
-// returned as a fresh dense tensor of `shape` (not a view: callers may add into it in place).
-torch::Tensor onednn_matmul(const torch::Tensor& a, const torch::Tensor& b, at::IntArrayRef shape) {
-  torch::Tensor y = at::mkldnn_linear_backward_input({a.size(0), b.size(1)}, a.contiguous().to_mkldnn(), b.contiguous());
-  return y.reshape(shape).to_dense();
-}
-
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   auto out = sizes.vec();
   out.back() = last;
   return out;
 }
 
-// y = x W^T with W frozen; backward dx = dy W. W is saved, never copied or differentiated.
-struct FrozenMatmulOneDnn : torch::autograd::Function<FrozenMatmulOneDnn> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
-    ctx->save_for_backward({w});
-    return onednn_matmul(x.reshape({-1, x.size(-1)}), w.t(), with_last(x.sizes(), w.size(0)));
+// a [M, K] @ b [K, N] for a frozen GEMM, as a fresh dense tensor of `shape` (not a view: the
+// caller adds the bias into it in place, which autograd forbids on a view made inside a
+// custom function).
+// fp32: oneDNN's inner-product backward-data kernel (grad_input = grad_output @ weight with
+// weight [out, in] = b, read in plain layout), 1.0-1.9x LibTorch's BLAS here.
+// bf16: one mm, oneDNN's bf16 GEMM as torch::linear's, but without addmm's broadcast of the
+// bias into the output first: the ViT-B bf16 step is 3-6% faster (bench/step_ab.cpp).
+torch::Tensor frozen_mm(const torch::Tensor& a, const torch::Tensor& b, at::IntArrayRef shape) {
+  if (a.scalar_type() == torch::kFloat) {
+    torch::Tensor y = at::mkldnn_linear_backward_input({a.size(0), b.size(1)}, a.contiguous().to_mkldnn(), b.contiguous());
+    return y.reshape(shape).to_dense();
   }
-  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
-                                               torch::autograd::tensor_list grads) {
-    const torch::Tensor w = ctx->get_saved_variables()[0];
-    const torch::Tensor& dy = grads[0];
-    return {onednn_matmul(dy.reshape({-1, dy.size(-1)}), w, with_last(dy.sizes(), w.size(1))), torch::Tensor()};
-  }
-};
+  torch::Tensor y = torch::empty(shape, a.options());
+  torch::Tensor y2d = y.view({-1, b.size(1)});
+  torch::mm_out(y2d, a, b);
+  return y;
+}
 
-// The same for bf16, where at::mm already runs oneDNN's kernels: y = x W^T as one mm, the
-// bias added in place by the caller (torch::linear's addmm first broadcasts the bias into
-// the output and has the GEMM add onto it), and only W saved (addmm's node would also keep
-// x for a weight gradient). The ViT-B bf16 step: 3-6% faster than through torch::linear
-// (bench/step_ab.cpp, docs/BENCHMARKS.md).
+// y = x W^T with W frozen; backward dx = dy W. Only W is saved (torch::linear's addmm node
+// would also keep x for a weight gradient); W is never copied or differentiated.
 struct FrozenMatmul : torch::autograd::Function<FrozenMatmul> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
     ctx->save_for_backward({w});
-    // Written into a tensor of the final shape (a view of the mm result could not take the
-    // caller's in-place bias add: autograd forbids in-place ops on views made in here).
-    torch::Tensor y = torch::empty(with_last(x.sizes(), w.size(0)), x.options());
-    torch::Tensor y2d = y.view({-1, w.size(0)});
-    torch::mm_out(y2d, x.reshape({-1, x.size(-1)}), w.t());
-    return y;
+    return frozen_mm(x.reshape({-1, x.size(-1)}), w.t(), with_last(x.sizes(), w.size(0)));
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const torch::Tensor w = ctx->get_saved_variables()[0];
     const torch::Tensor& dy = grads[0];
-    return {dy.reshape({-1, dy.size(-1)}).mm(w).view(with_last(dy.sizes(), w.size(1))), torch::Tensor()};
+    return {frozen_mm(dy.reshape({-1, dy.size(-1)}), w, with_last(dy.sizes(), w.size(1))), torch::Tensor()};
   }
 };
 
@@ -122,13 +110,12 @@ std::string frozen_gemm_name(FrozenGemm path) { return path == FrozenGemm::OneDn
 
 torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
   const auto dtype = x.scalar_type();
-  const bool reduced = dtype == torch::kBFloat16;
   const bool eligible = g_frozen_gemm == FrozenGemm::OneDnn && !w.requires_grad() && x.device().is_cpu() &&
-                        (dtype == torch::kFloat || reduced) && w.scalar_type() == dtype &&
+                        (dtype == torch::kFloat || dtype == torch::kBFloat16) && w.scalar_type() == dtype &&
                         (!b.defined() || b.scalar_type() == dtype) && x.dim() >= 2 &&
                         x.numel() / x.size(-1) * w.size(0) * w.size(1) >= g_onednn_min_macs;
   if (!eligible) return torch::linear(x, w, b);
-  torch::Tensor y = reduced ? FrozenMatmul::apply(x, w) : FrozenMatmulOneDnn::apply(x, w);
+  torch::Tensor y = FrozenMatmul::apply(x, w);
   // The bias in place (one pass, no new tensor); autograd sums dy for it when it trains.
   return b.defined() ? y.add_(b) : y;
 }
@@ -247,7 +234,6 @@ struct SplitHeads : torch::autograd::Function<SplitHeads> {
   static torch::autograd::tensor_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv,
                                               int64_t heads, int64_t queries, double q_scale) {
     const int64_t B = qkv.size(0), N = qkv.size(1), hd = qkv.size(2) / (3 * heads);
-    ctx->saved_data["heads"] = heads;
     ctx->saved_data["q_scale"] = q_scale;
     auto parts = qkv.view({B, N, 3, heads, hd}).permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd], strided
     auto part = [&](int64_t i, int64_t tokens) {
@@ -259,11 +245,10 @@ struct SplitHeads : torch::autograd::Function<SplitHeads> {
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
-    const int64_t heads = ctx->saved_data["heads"].toInt();
     const double q_scale = ctx->saved_data["q_scale"].toDouble();
     // Gradients of unused outputs arrive as zeros (materialised), so all three are defined.
     const torch::Tensor &gq = grads[0], &gk = grads[1], &gv = grads[2];
-    const int64_t B = gk.size(0), N = gk.size(2), hd = gk.size(3), Q = gq.size(2);
+    const int64_t B = gk.size(0), heads = gk.size(1), N = gk.size(2), hd = gk.size(3), Q = gq.size(2);
     torch::Tensor g = Q == N ? torch::empty({B, N, 3, heads, hd}, gk.options())
                              : torch::zeros({B, N, 3, heads, hd}, gk.options());  // q rows past Q: 0
     auto parts = g.permute({2, 0, 3, 1, 4});
