@@ -5,6 +5,8 @@
 //   onednn   train.frozen_gemm onednn, the default (fp32: oneDNN inner-product kernels;
 //            bf16: one mm, the bias added in place, only the weight saved for backward)
 //   blas     train.frozen_gemm blas: torch::linear, as the Python twin calls it
+//   X-nokernels  X with the bf16 AVX-512 kernels (softmax, LayerNorm, bias add) off, i.e.
+//            train.bf16_kernels=false: LibTorch's own ops there
 // Prints per variant the best and the median step time (ms). The variants take turns training
 // one model (one optimizer), so their losses are one run's, not comparable per variant.
 //
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "common/runtime.h"
+#include "models/cpu_kernels.h"
 #include "models/vit.h"
 #include "models/vit_config.h"
 #include "peft/method.h"
@@ -64,7 +67,12 @@ int main(int argc, char** argv) {
   if (bf16) images = images.to(torch::kBFloat16);
   torch::Tensor labels = torch::randint(0, 10, {batch});
 
-  auto apply = [](const std::string& v) { set_frozen_gemm(parse_frozen_gemm(v)); };
+  auto apply = [](const std::string& v) {
+    const std::string suffix = "-nokernels";
+    const bool off = v.size() > suffix.size() && v.compare(v.size() - suffix.size(), suffix.size(), suffix) == 0;
+    set_frozen_gemm(parse_frozen_gemm(off ? v.substr(0, v.size() - suffix.size()) : v));
+    kernels::set_bf16_kernels(!off);
+  };
   std::map<std::string, std::vector<double>> ms;
   for (int64_t r = 0; r <= rounds; ++r) {  // round 0 warms every variant up, untimed
     for (const auto& v : variants) {

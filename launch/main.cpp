@@ -17,6 +17,7 @@
 #include "launch/config.h"
 #include "launch/plan.h"
 #include "models/checkpoint.h"
+#include "models/cpu_kernels.h"
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
@@ -356,6 +357,7 @@ int main(int argc, char** argv) {
     init_logging(mpi ? mpi->rank() : env.rank, vm["log-level"].as<std::string>());
     configure_runtime(env.local_size);
     if (vm.count("train.frozen_gemm")) set_frozen_gemm(parse_frozen_gemm(vm["train.frozen_gemm"].as<std::string>()));
+    if (vm.count("train.bf16_kernels")) kernels::set_bf16_kernels(vm["train.bf16_kernels"].as<bool>());
     return cmd->run(vm);
   } catch (const UsageError& e) {
     code = 2, message = e.what();

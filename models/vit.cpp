@@ -1,5 +1,7 @@
 #include "models/vit.h"
 
+#include "models/cpu_kernels.h"
+
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -72,18 +74,28 @@ torch::Tensor frozen_mm(const torch::Tensor& a, const torch::Tensor& b, at::IntA
   return y;
 }
 
-// y = x W^T with W frozen; backward dx = dy W. Only W is saved (torch::linear's addmm node
-// would also keep x for a weight gradient); W is never copied or differentiated.
+// y = x W^T (+ b) with W and b frozen; backward dx = dy W. Only W is saved (torch::linear's
+// addmm node would also keep x for a weight gradient); W and b are never copied or
+// differentiated. The bias goes into y in place, in bf16 by one AVX-512 pass (a quarter of
+// LibTorch's add_ time, bench/kernels_ab.cpp).
 struct FrozenMatmul : torch::autograd::Function<FrozenMatmul> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               const c10::optional<torch::Tensor>& b) {
     ctx->save_for_backward({w});
-    return frozen_mm(x.reshape({-1, x.size(-1)}), w.t(), with_last(x.sizes(), w.size(0)));
+    torch::Tensor y = frozen_mm(x.reshape({-1, x.size(-1)}), w.t(), with_last(x.sizes(), w.size(0)));
+    if (!b || !b->defined()) return y;
+    if (kernels::eligible(y)) {
+      kernels::add_bias_(y, *b);
+      return y;
+    }
+    return y.add_(*b);
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const torch::Tensor w = ctx->get_saved_variables()[0];
     const torch::Tensor& dy = grads[0];
-    return {frozen_mm(dy.reshape({-1, dy.size(-1)}), w, with_last(dy.sizes(), w.size(1))), torch::Tensor()};
+    return {frozen_mm(dy.reshape({-1, dy.size(-1)}), w, with_last(dy.sizes(), w.size(1))), torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
@@ -115,9 +127,11 @@ torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w
                         (!b.defined() || b.scalar_type() == dtype) && x.dim() >= 2 &&
                         x.numel() / x.size(-1) * w.size(0) * w.size(1) >= g_onednn_min_macs;
   if (!eligible) return torch::linear(x, w, b);
-  torch::Tensor y = FrozenMatmul::apply(x, w);
-  // The bias in place (one pass, no new tensor); autograd sums dy for it when it trains.
-  return b.defined() ? y.add_(b) : y;
+  // The bias in place (one pass, no new tensor): inside the GEMM's node when frozen; after it,
+  // through autograd (which then sums dy for it), when it trains.
+  const bool trained_bias = b.defined() && b.requires_grad();
+  torch::Tensor y = FrozenMatmul::apply(x, w, trained_bias ? c10::optional<torch::Tensor>() : b);
+  return trained_bias ? y.add_(b) : y;
 }
 
 // --- DenseLinear ---------------------------------------------------------------------
@@ -179,6 +193,31 @@ LayerNormOp::LayerNormOp(int64_t w) : width(w) {
   bias = register_parameter("bias", torch::zeros({w}));
 }
 
+namespace {
+
+// LayerNorm of a bf16 x (fp32 statistics and arithmetic, bf16 output) by the AVX-512 kernels:
+// one pass each way instead of the casts around LibTorch's fp32 kernel (a third of their time,
+// bench/kernels_ab.cpp). w and b are fp32; their gradients are computed only when they train.
+struct LayerNormBf16 : torch::autograd::Function<LayerNormBf16> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               const torch::Tensor& b, double eps) {
+    auto [y, mean, rstd] = kernels::layer_norm(x, w, b, eps);
+    ctx->save_for_backward({x, w, mean, rstd});
+    return y;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1),
+               want_db = ctx->needs_input_grad(2);
+    if (!want_dx && !want_dw && !want_db) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    auto g = kernels::layer_norm_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], want_dw, want_db);
+    return {want_dx ? g.dx : torch::Tensor(), g.dweight, g.dbias, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor LayerNormOp::forward(const torch::Tensor& x) {
   if (x.scalar_type() != torch::kBFloat16 && x.scalar_type() != torch::kHalf)
     return torch::layer_norm(x, {width}, cast_like(output_param(weight), x), cast_like(output_param(bias), x), kLayerNormEps);
@@ -186,8 +225,9 @@ torch::Tensor LayerNormOp::forward(const torch::Tensor& x) {
   // dtype. More accurate, and faster: LibTorch 1.13's bf16 CPU kernel takes 10x the time of
   // the two casts plus the fp32 kernel (4.4 ms against 0.44 ms on a ViT-B activation).
   const auto f32 = torch::kFloat;
-  return torch::layer_norm(x.to(f32), {width}, output_param(weight).to(f32), output_param(bias).to(f32), kLayerNormEps)
-      .to(x.scalar_type());
+  torch::Tensor w = output_param(weight).to(f32), b = output_param(bias).to(f32);
+  if (kernels::eligible(x)) return LayerNormBf16::apply(x, w, b, kLayerNormEps);
+  return torch::layer_norm(x.to(f32), {width}, w, b, kLayerNormEps).to(x.scalar_type());
 }
 
 // --- Slots -----------------------------------------------------------------------------
@@ -260,6 +300,24 @@ struct SplitHeads : torch::autograd::Function<SplitHeads> {
   }
 };
 
+// Softmax over the last dimension by the AVX-512 bf16 kernels (about a third of LibTorch's
+// time each way, bench/kernels_ab.cpp); the output is saved for the backward, as by LibTorch.
+struct SoftmaxBf16 : torch::autograd::Function<SoftmaxBf16> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
+    torch::Tensor y = kernels::softmax_lastdim(x);
+    ctx->save_for_backward({y});
+    return y;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return {kernels::softmax_lastdim_backward(ctx->get_saved_variables()[0], grads[0].contiguous())};
+  }
+};
+
+torch::Tensor softmax_lastdim(const torch::Tensor& x) {
+  return kernels::eligible(x) ? SoftmaxBf16::apply(x) : x.softmax(-1);
+}
+
 }  // namespace
 
 AttentionImpl::AttentionImpl(const ViTConfig& c)
@@ -285,7 +343,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, int64_t queries) {
     k = k_norm->forward(k);
   }
   if (kv_extension) std::tie(k, v) = kv_extension->extend(k, v);
-  torch::Tensor attn = torch::matmul(q, k.transpose(-2, -1)).softmax(-1);  // [B, H, Q, N]
+  torch::Tensor attn = softmax_lastdim(torch::matmul(q, k.transpose(-2, -1)));  // [B, H, Q, N]
   torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({B, Q, local_width});
   return proj->forward(out);
 }
@@ -297,7 +355,27 @@ MlpImpl::MlpImpl(const ViTConfig& c) {
   fc2 = register_module("fc2", std::make_shared<DenseLinear>(c.mlp_dim, c.dim, true));
 }
 
-torch::Tensor MlpImpl::forward(const torch::Tensor& x) { return fc2->forward(torch::gelu(fc1->forward(x))); }
+namespace {
+
+// The exact GELU by the AVX-512 bf16 kernels (about half of oneDNN's time each way in
+// LibTorch, bench/kernels_ab.cpp); the input is saved for the backward, as by LibTorch.
+struct GeluBf16 : torch::autograd::Function<GeluBf16> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
+    ctx->save_for_backward({x});
+    return kernels::gelu(x);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return {kernels::gelu_backward(grads[0].contiguous(), ctx->get_saved_variables()[0])};
+  }
+};
+
+// (not `gelu`: at::gelu would clash with it by argument-dependent lookup)
+torch::Tensor exact_gelu(const torch::Tensor& x) { return kernels::eligible(x) ? GeluBf16::apply(x) : torch::gelu(x); }
+
+}  // namespace
+
+torch::Tensor MlpImpl::forward(const torch::Tensor& x) { return fc2->forward(exact_gelu(fc1->forward(x))); }
 
 // --- Block -----------------------------------------------------------------------------
 

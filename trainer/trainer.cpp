@@ -18,6 +18,7 @@
 #include "io/atomic_file.h"
 #include "io/json.h"
 #include "models/checkpoint.h"
+#include "models/cpu_kernels.h"
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
@@ -435,6 +436,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     summary.set("mesh", mj);
     summary.set("precision", spec.train.precision);
     summary.set("frozen_gemm", frozen_gemm_name(frozen_gemm()));
+    summary.set("bf16_kernels", kernels::bf16_kernels());
     summary.set("method", spec.peft.method);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
   }

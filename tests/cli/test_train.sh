@@ -24,13 +24,14 @@ grep -q '"trainable_params": 2213' "$work/a/summary.json" && pass "trainable par
 [[ $(grep -c '"loss"' "$work/a/metrics.jsonl") -eq 6 ]] && pass "6 step lines" || failed "metrics.jsonl step lines"
 # train.profile_step: step 2's op trace (chrome://tracing JSON) on every rank, nothing for other steps.
 expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/prof" --train.steps 3 --train.profile_step 2 \
-  --train.frozen_gemm blas
+  --train.frozen_gemm blas --train.bf16_kernels false
 for r in 0 1; do
   trace=$work/prof/profile_step_2_rank$r.json
   grep -q '"name": "aten::addmm"' "$trace" 2>/dev/null && grep -q '"ph": "X"' "$trace" && pass "rank $r op trace" || failed "no op trace $trace"
 done
 [[ $(ls "$work/prof" | grep -c '^profile_step_') -eq 2 ]] && pass "only the profiled step traced" || failed "extra traces: $(ls "$work/prof")"
 grep -q '"frozen_gemm": "blas"' "$work/prof/summary.json" && pass "summary names the GEMM path" || failed "frozen_gemm not blas in summary"
+grep -q '"bf16_kernels": false' "$work/prof/summary.json" && pass "summary says the bf16 kernels are off" || failed "bf16_kernels not false in summary"
 
 # Stopped by exit_interval at step 3, resumed: bit-for-bit the uninterrupted adapter.
 expect 0 "stopping at step 3" -- "$st" train --config "$cfg" --output.dir "$work/b" --train.exit_interval 3

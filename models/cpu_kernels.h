@@ -1,0 +1,51 @@
+#pragma once
+
+// bf16 elementwise and row kernels for the CPU step, written for AVX-512 (with its BF16
+// conversions): softmax, LayerNorm, GELU and the bias add, each in one pass over bf16 memory with
+// fp32 arithmetic. LibTorch 1.13's own bf16 kernels for these widen, compute and narrow in
+// separate generic loops (LayerNorm even in separate casts); on the ViT-B step they cost ~10%
+// (docs/BENCHMARKS.md). Callers check `bf16_kernels()` and use LibTorch's op otherwise, so the
+// results are the same function either way (to bf16 rounding), on any CPU.
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace shardtune::kernels {
+
+// True when this CPU has AVX-512 BF16 and the kernels are switched on (the default).
+bool bf16_kernels();
+// Switches them off (LibTorch's ops everywhere) or back on; on a CPU without AVX-512 BF16 they
+// stay off. For A/B runs and the tests that compare both paths.
+void set_bf16_kernels(bool on);
+// Whether `t` may go through these kernels: bf16, CPU, contiguous, and the kernels on.
+bool eligible(const at::Tensor& t);
+
+// Softmax over the last dimension of a contiguous bf16 tensor, and its backward
+// dx = y * (dy - sum(y * dy)).
+at::Tensor softmax_lastdim(const at::Tensor& x);
+at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy);
+
+// LayerNorm over the last dimension of a contiguous bf16 x with fp32 weight and bias:
+// statistics and arithmetic in fp32, output in bf16. Returns {y, mean, rstd} (mean and rstd
+// fp32, one per row) for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& bias, double eps);
+// dx (bf16), and the weight and bias gradients (fp32) when asked for.
+struct LayerNormGrads {
+  at::Tensor dx, dweight, dbias;
+};
+LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& mean, const at::Tensor& rstd, bool want_dweight,
+                                   bool want_dbias);
+
+// The exact (erf) GELU, x Phi(x), of a contiguous bf16 tensor, and its backward
+// dx = dy (Phi(x) + x phi(x)); fp32 arithmetic (erf by a rational fit, a few fp32 ulps).
+at::Tensor gelu(const at::Tensor& x);
+at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x);
+
+// y[..., j] += bias[j] in place (y contiguous bf16, bias [n] of any floating dtype).
+void add_bias_(const at::Tensor& y, const at::Tensor& bias);
+
+}  // namespace shardtune::kernels

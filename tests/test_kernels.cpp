@@ -1,0 +1,228 @@
+// The bf16 AVX-512 kernels (models/cpu_kernels.h) against LibTorch computed in fp32 and
+// double, on widths that exercise whole vectors, a masked tail and both; and the ViT step
+// with the kernels on against the same step with LibTorch's ops.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "models/cpu_kernels.h"
+#include "peft/method.h"
+#include "tiny.h"
+
+namespace shardtune {
+namespace {
+
+// Turns the kernels on or off for one scope.
+struct KernelsScope {
+  explicit KernelsScope(bool on) { kernels::set_bf16_kernels(on); }
+  ~KernelsScope() { kernels::set_bf16_kernels(true); }
+};
+
+#define SKIP_WITHOUT_AVX512_BF16()                                                       \
+  if (!kernels::bf16_kernels()) GTEST_SKIP() << "this CPU has no AVX-512 BF16: kernels off"
+
+const auto bf = torch::kBFloat16;
+const auto f64 = torch::kDouble;
+
+// |a - b| <= tol * (|b| + floor): a bf16 result against an exact reference, elementwise.
+void expect_close(const torch::Tensor& got, const torch::Tensor& want, double tol, double floor,
+                  const std::string& what) {
+  ASSERT_EQ(got.sizes(), want.sizes()) << what;
+  torch::Tensor g = got.to(f64), w = want.to(f64);
+  torch::Tensor bad = (g - w).abs() > (w.abs() + floor) * tol;
+  EXPECT_EQ(bad.sum().item<int64_t>(), 0) << what << ": worst |diff| " << (g - w).abs().max().item<double>()
+                                          << " (max |want| " << w.abs().max().item<double>() << ")";
+}
+
+TEST(Kernels, EligibleOnlyForContiguousBf16WithKernelsOn) {
+  SKIP_WITHOUT_AVX512_BF16();
+  torch::Tensor t = torch::randn({4, 6}).to(bf);
+  EXPECT_TRUE(kernels::eligible(t));
+  EXPECT_FALSE(kernels::eligible(t.t()));
+  EXPECT_FALSE(kernels::eligible(t.to(torch::kFloat)));
+  EXPECT_FALSE(kernels::eligible(torch::Tensor()));
+  {
+    KernelsScope off(false);
+    EXPECT_FALSE(kernels::bf16_kernels());
+    EXPECT_FALSE(kernels::eligible(t));
+  }
+  EXPECT_TRUE(kernels::eligible(t));
+  EXPECT_THROW(kernels::softmax_lastdim(t.t()), c10::Error);
+  EXPECT_THROW(kernels::layer_norm(t, torch::ones({5}), torch::zeros({6}), 1e-6), c10::Error);
+}
+
+TEST(Kernels, SoftmaxMatchesExactSoftmaxToBf16Rounding) {
+  SKIP_WITHOUT_AVX512_BF16();
+  torch::manual_seed(0);
+  for (int64_t n : {1, 5, 16, 31, 197, 1000}) {
+    SCOPED_TRACE("width " + std::to_string(n));
+    torch::Tensor x = (torch::randn({3, 7, n}) * 4).to(bf);
+    x.select(1, 2).fill_(-30);  // a row of equal values
+    torch::Tensor y = kernels::softmax_lastdim(x);
+    ASSERT_EQ(y.scalar_type(), bf);
+    torch::Tensor want = x.to(f64).softmax(-1);
+    // One rounding to bf16 (2^-9 relative) plus the fp32 arithmetic.
+    expect_close(y, want, 1.0 / 256, 1e-30, "softmax");
+    expect_close(y.to(f64).sum(-1), torch::ones({3, 7}, f64), 1.0 / 64, 0, "row sums");
+
+    torch::Tensor dy = torch::randn({3, 7, n}).to(bf);
+    torch::Tensor dx = kernels::softmax_lastdim_backward(y, dy);
+    torch::Tensor yd = y.to(f64), dyd = dy.to(f64);
+    torch::Tensor want_dx = yd * (dyd - (yd * dyd).sum(-1, true));
+    // Relative to the row's largest |y * dy| terms, since dx cancels.
+    torch::Tensor scale = (yd * dyd.abs()).amax(-1, true).expand_as(want_dx);
+    EXPECT_LE(((dx.to(f64) - want_dx).abs() / (scale + 1e-30)).max().item<double>(), 2.0 / 256);
+  }
+}
+
+TEST(Kernels, LayerNormMatchesFp32LayerNormWithGradients) {
+  SKIP_WITHOUT_AVX512_BF16();
+  torch::manual_seed(2);
+  for (int64_t n : {8, 13, 64, 768, 1030}) {
+    SCOPED_TRACE("width " + std::to_string(n));
+    torch::Tensor x = (torch::randn({5, 11, n}) * 3 + 1).to(bf);
+    torch::Tensor w = torch::rand({n}) + 0.5, b = torch::randn({n});
+    torch::Tensor dy = torch::randn({5, 11, n}).to(bf);
+    auto [y, mean, rstd] = kernels::layer_norm(x, w, b, 1e-6);
+    ASSERT_EQ(y.scalar_type(), bf);
+    // The reference in double from the same bf16 input, with autograd for every gradient.
+    torch::Tensor xr = x.to(f64).requires_grad_(true), wr = w.to(f64).requires_grad_(true),
+                  br = b.to(f64).requires_grad_(true);
+    torch::Tensor yr = torch::layer_norm(xr, {n}, wr, br, 1e-6);
+    yr.backward(dy.to(f64));
+    expect_close(y, yr.detach(), 1.0 / 128, 0.05, "y");
+    expect_close(mean, xr.detach().mean(-1).view({-1}), 1e-5, 1e-3, "mean");
+
+    auto grads = kernels::layer_norm_backward(dy, x, w, mean, rstd, true, true);
+    ASSERT_EQ(grads.dx.scalar_type(), bf);
+    expect_close(grads.dx, xr.grad(), 1.0 / 64, 0.1 * xr.grad().abs().max().item<double>(), "dx");
+    expect_close(grads.dweight, wr.grad(), 1e-4, 1e-2, "dweight");
+    expect_close(grads.dbias, br.grad(), 1e-4, 1e-2, "dbias");
+    auto only_dx = kernels::layer_norm_backward(dy, x, w, mean, rstd, false, false);
+    EXPECT_TRUE(torch::equal(only_dx.dx, grads.dx));
+    EXPECT_FALSE(only_dx.dweight.defined());
+    EXPECT_FALSE(only_dx.dbias.defined());
+  }
+}
+
+TEST(Kernels, GeluMatchesExactGeluWithGradient) {
+  SKIP_WITHOUT_AVX512_BF16();
+  torch::manual_seed(7);
+  for (int64_t n : {1, 15, 16, 100003}) {
+    SCOPED_TRACE("elements " + std::to_string(n));
+    torch::Tensor x = (torch::randn({n}) * 3).to(bf);
+    if (n > 16) x.narrow(0, 0, 9).copy_(torch::tensor({-12.0, -6.0, -5.0, -1.0, 0.0, 1e-3, 1.0, 5.0, 12.0}));
+    torch::Tensor xd = x.to(f64).requires_grad_(true);
+    torch::Tensor want = 0.5 * xd * (1 + torch::erf(xd / std::sqrt(2.0)));
+    torch::Tensor dy = torch::randn({n}).to(bf);
+    want.backward(dy.to(f64));
+    // One bf16 rounding, and in the far negative tail (|gelu| < 1e-5) an absolute error under
+    // 2e-6: the rational erf is good to ~4e-7 absolute, which 1 + erf(x) there magnifies.
+    expect_close(kernels::gelu(x), want.detach(), 1.0 / 128, 2.5e-4, "gelu");
+    expect_close(kernels::gelu_backward(dy, x), xd.grad(), 1.0 / 128, 2.5e-4, "gelu backward");
+  }
+}
+
+TEST(Kernels, BiasAddIsOneFp32AddRoundedOnce) {
+  SKIP_WITHOUT_AVX512_BF16();
+  torch::manual_seed(3);
+  for (int64_t n : {3, 16, 2304, 3077}) {
+    torch::Tensor y = torch::randn({4, 9, n}).to(bf), b = torch::randn({n}).to(bf);
+    torch::Tensor want = (y.to(torch::kFloat) + b.to(torch::kFloat)).to(bf);
+    torch::Tensor got = y.clone();
+    kernels::add_bias_(got, b);
+    EXPECT_TRUE(torch::equal(got, want)) << "width " << n;
+    torch::Tensor got32 = y.clone();
+    kernels::add_bias_(got32, b.to(torch::kFloat));  // fp32 bias: the same values
+    EXPECT_TRUE(torch::equal(got32, want)) << "width " << n;
+  }
+}
+
+// Whether any node of t's autograd graph has `name` in its name.
+bool graph_has(const torch::Tensor& t, const std::string& name) {
+  std::vector<torch::autograd::Node*> todo{t.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  while (!todo.empty()) {
+    torch::autograd::Node* n = todo.back();
+    todo.pop_back();
+    if (!n || !seen.insert(n).second) continue;
+    if (n->name().find(name) != std::string::npos) return true;
+    for (const auto& e : n->next_edges()) todo.push_back(e.function.get());
+  }
+  return false;
+}
+
+// The whole bf16 LoRA step through the model: kernels on against off (LibTorch's softmax,
+// fp32-cast LayerNorm, GELU and add_), in the loss, the logits and every trainable gradient.
+TEST(Kernels, ViTBf16StepMatchesLibTorchOps) {
+  SKIP_WITHOUT_AVX512_BF16();
+  FrozenGemmScope gemm(FrozenGemm::OneDnn, 0);  // the in-place bias path on tiny GEMMs too
+  std::vector<std::pair<ViTConfig, std::string>> cases;
+  for (const ViTConfig& c : tiny_variants()) cases.emplace_back(c, "lora");
+  for (std::string method : {"bitfit", "ln_tune", "ssf"}) cases.emplace_back(tiny_config(), method);
+  for (const auto& [c, method] : cases) {
+    SCOPED_TRACE(describe(c) + " " + method);
+    auto run = [&, c = c, method = method](bool on) {
+      KernelsScope scope(on);
+      torch::manual_seed(4);
+      VisionTransformer model(c);
+      randomize_for_test(*model);
+      PeftConfig p;
+      p.method = method;
+      PeftState state = apply_peft(*model, p);
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& [name, t] : state.trainable) t.normal_(0, 0.3);  // LoRA's B starts at zero
+      }
+      cast_frozen(*model, torch::kBFloat16);
+      torch::manual_seed(5);
+      torch::Tensor images = torch::randn({3, c.in_chans, c.image_size, c.image_size}).to(bf);
+      torch::Tensor logits = model->forward(images).to(torch::kFloat);
+      EXPECT_EQ(graph_has(logits, "SoftmaxBf16"), on);
+      EXPECT_EQ(graph_has(logits, "LayerNormBf16"), on);
+      EXPECT_EQ(graph_has(logits, "GeluBf16"), on);
+      torch::cross_entropy_loss(logits, torch::tensor({0, 1, 2})).backward();
+      std::vector<torch::Tensor> out{logits.detach()};
+      for (auto& [name, t] : state.trainable) out.push_back(t.grad().clone());
+      return out;
+    };
+    auto on = run(true), off = run(false);
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      SCOPED_TRACE(i == 0 ? "logits" : "gradient " + std::to_string(i));
+      EXPECT_GT(off[i].abs().max().item<double>(), 0.0);
+      EXPECT_LT(rel_err(on[i], off[i]), 0.03);
+    }
+  }
+}
+
+// LayerNorm weights that train (e.g. LN tuning): the kernel's weight and bias gradients reach
+// them through the model's LayerNormOp as LibTorch's would.
+TEST(Kernels, LayerNormOpTrainsItsWeightThroughTheKernel) {
+  SKIP_WITHOUT_AVX512_BF16();
+  auto run = [](bool on) {
+    KernelsScope scope(on);
+    torch::manual_seed(6);
+    LayerNormOp ln(24);
+    ln.weight.data().uniform_(0.5, 1.5);
+    ln.bias.data().normal_();
+    torch::Tensor x = torch::randn({4, 7, 24}).to(bf).requires_grad_(true);
+    torch::Tensor y = ln.forward(x);
+    EXPECT_EQ(y.scalar_type(), bf);
+    (y.to(torch::kFloat) * torch::linspace(-1, 1, 24)).sum().backward();
+    return std::vector<torch::Tensor>{y.detach(), x.grad(), ln.weight.grad(), ln.bias.grad()};
+  };
+  auto on = run(true), off = run(false);
+  for (size_t i = 0; i < on.size(); ++i) {
+    SCOPED_TRACE("output " + std::to_string(i));
+    ASSERT_TRUE(on[i].defined());
+    EXPECT_EQ(on[i].scalar_type(), off[i].scalar_type());
+    EXPECT_LT(rel_err(on[i].to(torch::kFloat), off[i].to(torch::kFloat)), 0.01);
+  }
+}
+
+}  // namespace
+}  // namespace shardtune
