@@ -9,8 +9,9 @@ oneDNN's own verbose log, summed by primitive, kernel and shape, largest first.
       --train.precision bf16 --output.resume never --output.dir /tmp/vb > /tmp/vb.log
   bench/onednn_breakdown.py /tmp/vb.log [--step 3] [--top 20]
 
-A step starts at its patch-embedding convolution (one per forward), so step K lies between the
-K-th and the (K+1)-th `convolution` line. Times are oneDNN's exec_time (ms); everything else
+A step starts at its patch embedding (one per forward: the first oneDNN call of the run, a GEMM
+of B * patches rows, or the convolution in builds before it became a GEMM), so step K lies
+between the K-th and the (K+1)-th such line. Times are oneDNN's exec_time (ms); everything else
 in the step (LibTorch's own kernels, autograd, the optimizer) is the step time minus the total.
 """
 import argparse
@@ -24,7 +25,13 @@ def main():
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     lines = [l.rstrip("\n") for l in open(args.log) if l.startswith(("onednn_verbose,exec", "dnnl_verbose,exec"))]
-    starts = [i for i, l in enumerate(lines) if ",convolution," in l]
+    # The first oneDNN call of a run is its first forward's patch embedding (a GEMM since the
+    # embedding became one, a convolution before): every call of that primitive and shape
+    # starts a forward.
+    if not lines:
+        raise SystemExit(f"{args.log}: no oneDNN exec lines (run with ONEDNN_VERBOSE=1)")
+    first = lines[0].split(",")
+    starts = [i for i, l in enumerate(lines) if l.split(",")[3] == first[3] and l.split(",")[-2] == first[-2]]
     if len(starts) < args.step + 1:
         raise SystemExit(f"{args.log}: {len(starts)} forward passes logged, step {args.step} needs {args.step + 1}"
                          " (run more steps, with ONEDNN_VERBOSE=1)")

@@ -411,10 +411,21 @@ PatchEmbedImpl::PatchEmbedImpl(const ViTConfig& c) : patch(c.patch_size) {
       "proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.in_chans, c.dim, c.patch_size).stride(c.patch_size)));
 }
 
+// The patch_size-strided convolution as one GEMM over the flattened patches: [B * gh * gw,
+// C * p * p] x [C * p * p, D], each patch in the weight's (C, p, p) order, written straight
+// in the [B, gh * gw, D] layout the blocks read. Through torch::conv2d oneDNN reorders the
+// weight and the output on every call (16 ms of the ViT-B bf16 step, 8 of them the
+// convolution; the GEMM takes ~3 ms, bench/onednn_breakdown.py). Pixels past the last whole
+// patch are dropped, as by the convolution.
 torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& images) {
-  return torch::conv2d(images, cast_like(proj->weight, images), cast_like(proj->bias, images), {patch, patch})
-      .flatten(2)
-      .transpose(1, 2);  // [B, D, g, g] -> [B, g*g, D]
+  const int64_t B = images.size(0), C = images.size(1), gh = images.size(2) / patch, gw = images.size(3) / patch;
+  torch::Tensor patches = images.narrow(2, 0, gh * patch)
+                              .narrow(3, 0, gw * patch)
+                              .reshape({B, C, gh, patch, gw, patch})
+                              .permute({0, 2, 4, 1, 3, 5})
+                              .reshape({B, gh * gw, C * patch * patch});
+  torch::Tensor w = cast_like(proj->weight, images);
+  return frozen_aware_linear(patches, w.reshape({w.size(0), -1}), cast_like(proj->bias, images));
 }
 
 // --- VisionTransformer -----------------------------------------------------------------

@@ -485,3 +485,45 @@ TEST(ViT, AttentionSplitMatchesPlainAutograd) {
     }
   }
 }
+
+// The patch embedding as one GEMM over flattened patches equals the strided convolution, in
+// value and in the gradients of the images and of a training weight and bias, at fp32 on both
+// frozen-GEMM paths and at bf16; pixels past the last whole patch are dropped as by the
+// convolution.
+TEST(ViT, PatchEmbedGemmEqualsTheStridedConvolution) {
+  ViTConfig c = tiny_config();
+  c.in_chans = 3;
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (FrozenGemm path : {FrozenGemm::OneDnn, FrozenGemm::Blas}) {
+      for (bool trainable : {false, true}) {
+        SCOPED_TRACE(std::string(dtype == torch::kFloat ? "fp32 " : "bf16 ") + frozen_gemm_name(path) +
+                     (trainable ? " trainable" : " frozen"));
+        FrozenGemmScope scope(path, 0);
+        torch::manual_seed(8);
+        PatchEmbed pe(c);
+        pe->proj->weight.requires_grad_(trainable);
+        pe->proj->bias.requires_grad_(trainable);
+        torch::Tensor images = torch::randn({2, 3, 30, 29}).to(dtype).requires_grad_(true);  // 4x4 patches of 7
+        torch::Tensor y = pe->forward(images);
+        ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 16, c.dim}));
+        torch::Tensor img64 = images.detach().to(torch::kDouble).requires_grad_(true);
+        torch::Tensor w64 = pe->proj->weight.detach().to(torch::kDouble).requires_grad_(true);
+        torch::Tensor b64 = pe->proj->bias.detach().to(torch::kDouble).requires_grad_(true);
+        torch::Tensor want = torch::conv2d(img64, w64, b64, {7, 7}).flatten(2).transpose(1, 2);
+        torch::Tensor g = torch::randn(want.sizes(), torch::kDouble);
+        (y.to(torch::kDouble) * g).sum().backward();
+        (want * g).sum().backward();
+        const double tol = dtype == torch::kFloat ? 1e-5 : 2e-2;
+        EXPECT_LT(rel_err(y.to(torch::kDouble), want), tol);
+        EXPECT_LT(rel_err(images.grad().to(torch::kDouble), img64.grad()), tol);
+        // The dropped pixels (row 28-29, column 28) get no gradient.
+        EXPECT_EQ(images.grad().narrow(2, 28, 2).abs().sum().item<double>(), 0.0);
+        EXPECT_EQ(images.grad().narrow(3, 28, 1).abs().sum().item<double>(), 0.0);
+        if (trainable) {
+          EXPECT_LT(rel_err(pe->proj->weight.grad().to(torch::kDouble), w64.grad()), tol);
+          EXPECT_LT(rel_err(pe->proj->bias.grad().to(torch::kDouble), b64.grad()), tol);
+        }
+      }
+    }
+  }
+}
