@@ -72,6 +72,15 @@ int main(int argc, char** argv) {
   torch::Tensor probs = scores.softmax(-1), dprobs = torch::randn({B, H, N, N}).to(bf);
   compare("softmax [8,12,197,197]", rounds, [&] { return scores.softmax(-1); },
           [&] { return kernels::softmax_lastdim(scores); });
+  // The attention scale: LibTorch's path scales q (a pass over it) before the scores; the
+  // kernel scales the scores on the fly.
+  torch::Tensor q = torch::randn({B, H, N, 64}).to(bf), scaled_scores = scores * 0.125;
+  compare("q * scale, softmax", rounds,
+          [&] {
+            torch::Tensor qs = q * 0.125;
+            return scaled_scores.softmax(-1);
+          },
+          [&] { return kernels::softmax_lastdim(scores, 0.125); });
   compare("softmax backward", rounds, [&] { return torch::_softmax_backward_data(dprobs, probs, -1, bf); },
           [&] { return kernels::softmax_lastdim_backward(probs, dprobs); });
 
@@ -89,6 +98,9 @@ int main(int argc, char** argv) {
                 .to(bf);
           },
           [&] { return kernels::layer_norm_backward(dy, x, w, mean.view({-1}), rstd.view({-1}), false, false).dx; });
+
+  torch::Tensor x2 = torch::randn({B, N, D}).to(bf);
+  compare("residual add [8,197,768]", rounds, [&] { return x + x2; }, [&] { return kernels::add(x, x2); });
 
   torch::Tensor h = torch::randn({B, N, F}).to(bf), hb = torch::randn({F}).to(bf);
   torch::Tensor dh = torch::randn({B, N, F}).to(bf);

@@ -77,7 +77,9 @@ struct RowShape {
 
 // --- Softmax ------------------------------------------------------------------------------
 
-ST_AVX512 void softmax_rows(const uint16_t* x, uint16_t* y, float* buf, int64_t r0, int64_t r1, RowShape s) {
+ST_AVX512 void softmax_rows(const uint16_t* x, uint16_t* y, float* buf, float scale, int64_t r0, int64_t r1,
+                            RowShape s) {
+  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* xr = x + r * s.n;
     uint16_t* yr = y + r * s.n;
@@ -87,12 +89,12 @@ ST_AVX512 void softmax_rows(const uint16_t* x, uint16_t* y, float* buf, int64_t 
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < s.full; j += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(load(xr + j), mx));
+      const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(load(xr + j), mx), vscale));
       _mm512_storeu_ps(buf + j, e);
       vsum = _mm512_add_ps(vsum, e);
     }
     if (s.tail) {
-      const __m512 e = exp16(_mm512_sub_ps(load(xr + s.full, s.tail), mx));
+      const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(load(xr + s.full, s.tail), mx), vscale));
       _mm512_mask_storeu_ps(buf + s.full, s.tail, e);
       vsum = _mm512_mask_add_ps(vsum, s.tail, vsum, e);
     }
@@ -102,8 +104,9 @@ ST_AVX512 void softmax_rows(const uint16_t* x, uint16_t* y, float* buf, int64_t 
   }
 }
 
-ST_AVX512 void softmax_backward_rows(const uint16_t* y, const uint16_t* dy, uint16_t* dx, int64_t r0, int64_t r1,
-                                     RowShape s) {
+ST_AVX512 void softmax_backward_rows(const uint16_t* y, const uint16_t* dy, uint16_t* dx, float scale, int64_t r0,
+                                     int64_t r1, RowShape s) {
+  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * s.n;
     __m512 vdot = _mm512_setzero_ps();
@@ -111,10 +114,11 @@ ST_AVX512 void softmax_backward_rows(const uint16_t* y, const uint16_t* dy, uint
     if (s.tail) vdot = _mm512_fmadd_ps(load(y + o + s.full, s.tail), load(dy + o + s.full, s.tail), vdot);
     const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot));
     for (int64_t j = 0; j < s.full; j += 16)
-      store(dx + o + j, _mm512_mul_ps(load(y + o + j), _mm512_sub_ps(load(dy + o + j), dot)));
-    if (s.tail)
-      store(dx + o + s.full,
-            _mm512_mul_ps(load(y + o + s.full, s.tail), _mm512_sub_ps(load(dy + o + s.full, s.tail), dot)), s.tail);
+      store(dx + o + j, _mm512_mul_ps(_mm512_mul_ps(load(y + o + j), vscale), _mm512_sub_ps(load(dy + o + j), dot)));
+    if (s.tail) {
+      const __m512 ys = _mm512_mul_ps(load(y + o + s.full, s.tail), vscale);
+      store(dx + o + s.full, _mm512_mul_ps(ys, _mm512_sub_ps(load(dy + o + s.full, s.tail), dot)), s.tail);
+    }
   }
 }
 
@@ -278,6 +282,17 @@ ST_AVX512 void gelu_backward_range(const uint16_t* dy, const uint16_t* x, uint16
   }
 }
 
+// --- Sum of two tensors ---------------------------------------------------------------------
+
+ST_AVX512 void add_range(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) store(out + i, _mm512_add_ps(load(a + i), load(b + i)));
+  if (i < i1) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (i1 - i)) - 1);
+    store(out + i, _mm512_add_ps(load(a + i, m), load(b + i, m)), m);
+  }
+}
+
 // --- Plain C++ around them ----------------------------------------------------------------
 
 const uint16_t* bits(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
@@ -308,25 +323,26 @@ bool eligible(const at::Tensor& t) {
          t.is_contiguous() && t.dim() >= 1;
 }
 
-at::Tensor softmax_lastdim(const at::Tensor& x) {
+at::Tensor softmax_lastdim(const at::Tensor& x, double scale) {
   check_input(x, "softmax input");
+  TORCH_CHECK(scale > 0, "shardtune::kernels: softmax scale must be positive, got ", scale);
   at::Tensor y = at::empty_like(x);
   const RowShape s(width_of(x));
   at::parallel_for(0, rows_of(x), grain(s.n), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(s.full + 16);
-    softmax_rows(bits(x), mutable_bits(y), buf.data(), r0, r1, s);
+    softmax_rows(bits(x), mutable_bits(y), buf.data(), static_cast<float>(scale), r0, r1, s);
   });
   return y;
 }
 
-at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy) {
+at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy, double scale) {
   check_input(y, "softmax output");
   check_input(dy, "softmax output gradient");
   TORCH_CHECK(y.sizes() == dy.sizes(), "shardtune::kernels: softmax gradient ", dy.sizes(), " vs output ", y.sizes());
   at::Tensor dx = at::empty_like(y);
   const RowShape s(width_of(y));
   at::parallel_for(0, rows_of(y), grain(s.n), [&](int64_t r0, int64_t r1) {
-    softmax_backward_rows(bits(y), bits(dy), mutable_bits(dx), r0, r1, s);
+    softmax_backward_rows(bits(y), bits(dy), mutable_bits(dx), static_cast<float>(scale), r0, r1, s);
   });
   return dx;
 }
@@ -402,6 +418,17 @@ at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x) {
     gelu_backward_range(bits(dy), bits(x), mutable_bits(dx), i0, i1);
   });
   return dx;
+}
+
+at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
+  check_input(a, "summand");
+  check_input(b, "summand");
+  TORCH_CHECK(a.sizes() == b.sizes(), "shardtune::kernels: sum of ", a.sizes(), " and ", b.sizes());
+  at::Tensor out = at::empty_like(a);
+  at::parallel_for(0, a.numel(), 32768, [&](int64_t i0, int64_t i1) {
+    add_range(bits(a), bits(b), mutable_bits(out), i0, i1);
+  });
+  return out;
 }
 
 }  // namespace shardtune::kernels

@@ -1,7 +1,7 @@
 #pragma once
 
 // bf16 elementwise and row kernels for the CPU step, written for AVX-512 (with its BF16
-// conversions): softmax, LayerNorm, GELU and the bias add, each in one pass over bf16 memory with
+// conversions): softmax, LayerNorm, GELU, the bias and residual adds, each in one pass over bf16 memory with
 // fp32 arithmetic. LibTorch 1.13's own bf16 kernels for these widen, compute and narrow in
 // separate generic loops (LayerNorm even in separate casts); on the ViT-B step they cost ~10%
 // (docs/BENCHMARKS.md). Callers check `bf16_kernels()` and use LibTorch's op otherwise, so the
@@ -22,10 +22,10 @@ void set_bf16_kernels(bool on);
 // Whether `t` may go through these kernels: bf16, CPU, contiguous, and the kernels on.
 bool eligible(const at::Tensor& t);
 
-// Softmax over the last dimension of a contiguous bf16 tensor, and its backward
-// dx = y * (dy - sum(y * dy)).
-at::Tensor softmax_lastdim(const at::Tensor& x);
-at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy);
+// y = softmax(scale * x) over the last dimension of a contiguous bf16 tensor (scale > 0: the
+// attention scale applied on the fly), and its backward dx = scale * y * (dy - sum(y * dy)).
+at::Tensor softmax_lastdim(const at::Tensor& x, double scale = 1.0);
+at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy, double scale = 1.0);
 
 // LayerNorm over the last dimension of a contiguous bf16 x with fp32 weight and bias:
 // statistics and arithmetic in fp32, output in bf16. Returns {y, mean, rstd} (mean and rstd
@@ -44,6 +44,9 @@ LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& x, co
 // dx = dy (Phi(x) + x phi(x)); fp32 arithmetic (erf by a rational fit, a few fp32 ulps).
 at::Tensor gelu(const at::Tensor& x);
 at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x);
+
+// a + b (same shape, contiguous bf16), rounded once: the residual adds.
+at::Tensor add(const at::Tensor& a, const at::Tensor& b);
 
 // y[..., j] += bias[j] in place (y contiguous bf16, bias [n] of any floating dtype).
 void add_bias_(const at::Tensor& y, const at::Tensor& bias);

@@ -300,22 +300,27 @@ struct SplitHeads : torch::autograd::Function<SplitHeads> {
   }
 };
 
-// Softmax over the last dimension by the AVX-512 bf16 kernels (about a third of LibTorch's
-// time each way, bench/kernels_ab.cpp); the output is saved for the backward, as by LibTorch.
+// softmax(scale * x) over the last dimension by the AVX-512 bf16 kernels (about a third of
+// LibTorch's time each way, bench/kernels_ab.cpp), the attention scale applied on the fly; the
+// output is saved for the backward, as by LibTorch.
 struct SoftmaxBf16 : torch::autograd::Function<SoftmaxBf16> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
-    torch::Tensor y = kernels::softmax_lastdim(x);
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, double scale) {
+    torch::Tensor y = kernels::softmax_lastdim(x, scale);
     ctx->save_for_backward({y});
+    ctx->saved_data["scale"] = scale;
     return y;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
-    return {kernels::softmax_lastdim_backward(ctx->get_saved_variables()[0], grads[0].contiguous())};
+    const double scale = ctx->saved_data["scale"].toDouble();
+    return {kernels::softmax_lastdim_backward(ctx->get_saved_variables()[0], grads[0].contiguous(), scale),
+            torch::Tensor()};
   }
 };
 
-torch::Tensor softmax_lastdim(const torch::Tensor& x) {
-  return kernels::eligible(x) ? SoftmaxBf16::apply(x) : x.softmax(-1);
+torch::Tensor scaled_softmax(const torch::Tensor& x, double scale) {
+  if (kernels::eligible(x)) return SoftmaxBf16::apply(x, scale);
+  return (scale == 1.0 ? x : x * scale).softmax(-1);
 }
 
 }  // namespace
@@ -335,15 +340,18 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, int64_t queries) {
   // The local width may be D/tp under tensor parallelism: derive it from the qkv output.
   torch::Tensor qkv_out = qkv->forward(x);  // [B, N, 3 * H * hd]
   const int64_t local_width = qkv_out.size(2) / 3;
-  // q [B, H, Q, hd] (scaled in the split's copy unless a norm comes first), k and v [B, H, N, hd]
-  auto qkv_parts = SplitHeads::apply(qkv_out, heads, Q, q_norm ? 1.0 : scale);
+  // q [B, H, Q, hd], k and v [B, H, N, hd]. The scale goes on q in the split's copy, or after
+  // the norm, or, where the bf16 softmax kernel runs, on the scores inside it (no pass at all).
+  const bool scale_in_softmax = !q_norm && kernels::bf16_kernels() && qkv_out.scalar_type() == torch::kBFloat16;
+  auto qkv_parts = SplitHeads::apply(qkv_out, heads, Q, q_norm || scale_in_softmax ? 1.0 : scale);
   torch::Tensor q = qkv_parts[0], k = qkv_parts[1], v = qkv_parts[2];
   if (q_norm) {
     q = q_norm->forward(q) * scale;
     k = k_norm->forward(k);
   }
   if (kv_extension) std::tie(k, v) = kv_extension->extend(k, v);
-  torch::Tensor attn = softmax_lastdim(torch::matmul(q, k.transpose(-2, -1)));  // [B, H, Q, N]
+  torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1));  // [B, H, Q, N]
+  torch::Tensor attn = scaled_softmax(scores, scale_in_softmax ? scale : 1.0);
   torch::Tensor out = torch::matmul(attn, v).transpose(1, 2).reshape({B, Q, local_width});
   return proj->forward(out);
 }
@@ -394,14 +402,33 @@ BlockImpl::BlockImpl(const ViTConfig& c) {
   }
 }
 
+namespace {
+
+// A residual sum of two bf16 activations by the AVX-512 kernel (a third of LibTorch's add here,
+// bench/kernels_ab.cpp); the gradient passes to both unchanged.
+struct ResidualAddBf16 : torch::autograd::Function<ResidualAddBf16> {
+  static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& x, const torch::Tensor& a) {
+    return kernels::add(x, a);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext*, torch::autograd::tensor_list grads) {
+    return {grads[0], grads[0]};
+  }
+};
+
+torch::Tensor residual(const torch::Tensor& x, const torch::Tensor& a) {
+  return kernels::eligible(x) && kernels::eligible(a) && x.sizes() == a.sizes() ? ResidualAddBf16::apply(x, a) : x + a;
+}
+
+}  // namespace
+
 torch::Tensor BlockImpl::forward(const torch::Tensor& input, int64_t out_tokens) {
   torch::Tensor x = pre ? pre->forward(input) : input;
   torch::Tensor a = attn->forward(norm1->forward(x), out_tokens);
   if (out_tokens > 0 && out_tokens < x.size(1)) x = x.narrow(1, 0, out_tokens);
-  torch::Tensor h = x + (ls1_gamma.defined() ? a * cast_like(ls1_gamma, a) : a);
+  torch::Tensor h = residual(x, ls1_gamma.defined() ? a * cast_like(ls1_gamma, a) : a);
   torch::Tensor m = mlp->forward(norm2->forward(h));
   if (mlp_side) m = m + mlp_side->forward(h);
-  return h + (ls2_gamma.defined() ? m * cast_like(ls2_gamma, m) : m);
+  return residual(h, ls2_gamma.defined() ? m * cast_like(ls2_gamma, m) : m);
 }
 
 // --- PatchEmbed ------------------------------------------------------------------------
