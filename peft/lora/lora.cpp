@@ -28,9 +28,11 @@ struct LoraPair {
 // base output y, as two GEMMs for all pairs together: u = x [A_1; A_2; ...]^T, then
 // y += scaling * u Bd^T with Bd the pairs' B placed block-diagonally over y's columns (zeros
 // elsewhere; the extra multiply-adds are r * out per token, noise beside the base GEMM).
-// Every GEMM reads and writes whole dense matrices: on column slices of y or dy oneDNN
-// 2.6 leaves its brgemm kernels for a slower generic one (`ONEDNN_VERBOSE=1` names the
-// kernel: gemm:jit instead of brg:avx512_core_bf16). Through autograd's ops the same also
+// The forward GEMMs read and write whole dense matrices: on column slices of y oneDNN 2.6
+// leaves its brgemm kernels for a slower generic one (`ONEDNN_VERBOSE=1` names the kernel:
+// gemm:jit instead of brg:avx512_core_bf16). The B gradients are the exception, one GEMM per
+// pair on its slice of dy: a third of the work there beats the whole block-diagonal product
+// (ViT-B qkv: 0.21 against 0.74 ms, /usr/bin/python3 timing). Through autograd's ops the same also
 // costs a clone of the whole dy (CopySlices, for the in-place slice adds) and a dozen
 // small nodes. `ab` = [A_1, B_1, A_2, B_2, ...] as the
 // layer uses them (A [r, in], B [count_i, r], any dtype: cast to x's); gradients come back
@@ -77,13 +79,17 @@ struct LoraAddInPlace : torch::autograd::Function<LoraAddInPlace> {
     const torch::Tensor& dy = grads[0];
     torch::Tensor dy2d = dy.reshape({-1, dy.size(-1)});
     torch::Tensor du = dy2d.mm(bd).mul_(scaling);              // [M, pairs * r]
-    torch::Tensor dbd = dy2d.t().mm(u).mul_(scaling);          // [out, pairs * r]
     torch::Tensor da = du.t().mm(x2d);                         // [pairs * r, in]
     // y: the add passes dy through; x: the down-projections' input gradient
     torch::autograd::tensor_list out{dy, du.mm(a_cat).view(ctx->saved_data["x_sizes"].toIntVector())};
     for (int64_t i = 0; i < pairs; ++i) {
       out.push_back(da.narrow(0, i * r, r).to(a_dtype));
-      out.push_back(dbd.narrow(0, starts[i], counts[i]).narrow(1, i * r, r).to(b_dtype).contiguous());
+      // dB_i = dy[:, its columns]^T u_i, as (u_i^T dy[:, its columns])^T: only B_i's block of
+      // the block-diagonal (the whole dy^T u computed the zero blocks too, at 3.5x the time on
+      // a ViT-B qkv), in the orientation oneDNN runs fastest on a column slice of dy.
+      torch::Tensor u_i = u.narrow(1, i * r, r).contiguous();
+      torch::Tensor db_t = u_i.t().mm(dy2d.narrow(1, starts[i], counts[i])).mul_(scaling);  // [r, rows]
+      out.push_back(db_t.t().to(b_dtype).contiguous());
     }
     out.push_back(torch::Tensor());  // starts
     out.push_back(torch::Tensor());  // scaling
