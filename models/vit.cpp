@@ -196,8 +196,9 @@ LayerNormOp::LayerNormOp(int64_t w) : width(w) {
 namespace {
 
 // LayerNorm of a bf16 x (fp32 statistics and arithmetic, bf16 output) by the AVX-512 kernels:
-// one pass each way instead of the casts around LibTorch's fp32 kernel (a third of their time,
-// bench/kernels_ab.cpp). w and b are fp32; their gradients are computed only when they train.
+// one pass each way instead of the casts around LibTorch's fp32 kernel (about a quarter of
+// their time, bench/kernels_ab.cpp). w and b are fp32; their gradients are computed only when
+// they train.
 struct LayerNormBf16 : torch::autograd::Function<LayerNormBf16> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
                                const torch::Tensor& b, double eps) {
@@ -404,8 +405,8 @@ BlockImpl::BlockImpl(const ViTConfig& c) {
 
 namespace {
 
-// A residual sum of two bf16 activations by the AVX-512 kernel (a third of LibTorch's add here,
-// bench/kernels_ab.cpp); the gradient passes to both unchanged.
+// A residual sum of two bf16 activations by the AVX-512 kernel (under half of LibTorch's add's
+// time here, bench/kernels_ab.cpp); the gradient passes to both unchanged.
 struct ResidualAddBf16 : torch::autograd::Function<ResidualAddBf16> {
   static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& x, const torch::Tensor& a) {
     return kernels::add(x, a);
@@ -442,7 +443,7 @@ PatchEmbedImpl::PatchEmbedImpl(const ViTConfig& c) : patch(c.patch_size) {
 // C * p * p] x [C * p * p, D], each patch in the weight's (C, p, p) order, written straight
 // in the [B, gh * gw, D] layout the blocks read. Through torch::conv2d oneDNN reorders the
 // weight and the output on every call (16 ms of the ViT-B bf16 step, 8 of them the
-// convolution; the GEMM takes ~3 ms, bench/onednn_breakdown.py). Pixels past the last whole
+// convolution; the GEMM takes 6.6 ms, bench/onednn_breakdown.py). Pixels past the last whole
 // patch are dropped, as by the convolution.
 torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& images) {
   const int64_t B = images.size(0), C = images.size(1), gh = images.size(2) / patch, gw = images.size(3) / patch;
