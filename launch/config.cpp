@@ -62,7 +62,7 @@ po::options_description config_key_options() {
     ("train.label_smoothing", po::value<double>(), "cross-entropy label smoothing")
     ("train.precision", po::value<std::string>(), "fp32 | bf16 (frozen weights stored in bf16, trainable ones fp32)")
     ("train.frozen_gemm", po::value<std::string>(), "GEMMs of frozen weights on CPU: onednn (default; bf16: one mm, bias in place) | blas (torch::linear)")
-    ("train.bf16_kernels", po::value<bool>(), "bf16 softmax, LayerNorm and bias add by ShardTune's AVX-512 kernels where the CPU has AVX-512 BF16 (default true; false: LibTorch's ops)")
+    ("train.bf16_kernels", po::value<bool>(), "bf16 softmax, LayerNorm, GELU, bias and residual adds by ShardTune's AVX-512 kernels where the CPU has AVX-512 BF16 (default true; false: LibTorch's ops)")
     ("train.eval_every", po::value<int64_t>(), "evaluate every N steps (0: at the end only)")
     ("train.log_every", po::value<int64_t>(), "log every N steps")
     ("train.exit_interval", po::value<int64_t>(), "stop after N steps of this run, with a checkpoint")

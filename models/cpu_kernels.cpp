@@ -300,12 +300,31 @@ uint16_t* mutable_bits(const at::Tensor& t) { return static_cast<uint16_t*>(t.da
 
 int64_t width_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(-1); }
 int64_t rows_of(const at::Tensor& t) { return t.numel() == 0 ? 0 : t.numel() / width_of(t); }
-// Rows per task: enough work (~32K elements) to be worth a thread.
-int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
+// Elements per task: enough work to be worth a thread.
+constexpr int64_t kGrainElements = 32768;
+// Rows per task, for the row kernels.
+int64_t grain(int64_t width) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1)); }
 
 void check_input(const at::Tensor& t, const char* what) {
   TORCH_CHECK(eligible(t), "shardtune::kernels: ", what, " must be a contiguous bf16 CPU tensor with the kernels on, got ",
               t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// Both inputs checked as above, and of one shape.
+void check_same_shape(const at::Tensor& a, const char* a_what, const at::Tensor& b, const char* b_what) {
+  check_input(a, a_what);
+  check_input(b, b_what);
+  TORCH_CHECK(a.sizes() == b.sizes(), "shardtune::kernels: ", b_what, " ", b.sizes(), " does not match ", a_what, " ",
+              a.sizes());
+}
+
+// out = f(a, b) element by element, a fresh tensor, by a range kernel such as add_range.
+using BinaryRange = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t);
+at::Tensor elementwise(const at::Tensor& a, const at::Tensor& b, BinaryRange range) {
+  at::Tensor out = at::empty_like(a);
+  at::parallel_for(0, a.numel(), kGrainElements,
+                   [&](int64_t i0, int64_t i1) { range(bits(a), bits(b), mutable_bits(out), i0, i1); });
+  return out;
 }
 
 at::Tensor fp32_vector(const at::Tensor& v, int64_t n, const char* what) {
@@ -336,9 +355,7 @@ at::Tensor softmax_lastdim(const at::Tensor& x, double scale) {
 }
 
 at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy, double scale) {
-  check_input(y, "softmax output");
-  check_input(dy, "softmax output gradient");
-  TORCH_CHECK(y.sizes() == dy.sizes(), "shardtune::kernels: softmax gradient ", dy.sizes(), " vs output ", y.sizes());
+  check_same_shape(y, "softmax output", dy, "softmax output gradient");
   at::Tensor dx = at::empty_like(y);
   const RowShape s(width_of(y));
   at::parallel_for(0, rows_of(y), grain(s.n), [&](int64_t r0, int64_t r1) {
@@ -366,9 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
 LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& mean, const at::Tensor& rstd, bool want_dweight,
                                    bool want_dbias) {
-  check_input(dy, "LayerNorm output gradient");
-  check_input(x, "LayerNorm input");
-  TORCH_CHECK(x.sizes() == dy.sizes(), "shardtune::kernels: LayerNorm gradient ", dy.sizes(), " vs input ", x.sizes());
+  check_same_shape(x, "LayerNorm input", dy, "LayerNorm output gradient");
   const RowShape s(width_of(x));
   const int64_t rows = rows_of(x);
   const at::Tensor w = fp32_vector(weight, s.n, "LayerNorm weight");
@@ -405,30 +420,19 @@ void add_bias_(const at::Tensor& y, const at::Tensor& bias) {
 at::Tensor gelu(const at::Tensor& x) {
   check_input(x, "GELU input");
   at::Tensor y = at::empty_like(x);
-  at::parallel_for(0, x.numel(), 32768, [&](int64_t i0, int64_t i1) { gelu_range(bits(x), mutable_bits(y), i0, i1); });
+  at::parallel_for(0, x.numel(), kGrainElements,
+                   [&](int64_t i0, int64_t i1) { gelu_range(bits(x), mutable_bits(y), i0, i1); });
   return y;
 }
 
 at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x) {
-  check_input(dy, "GELU output gradient");
-  check_input(x, "GELU input");
-  TORCH_CHECK(x.sizes() == dy.sizes(), "shardtune::kernels: GELU gradient ", dy.sizes(), " vs input ", x.sizes());
-  at::Tensor dx = at::empty_like(x);
-  at::parallel_for(0, x.numel(), 32768, [&](int64_t i0, int64_t i1) {
-    gelu_backward_range(bits(dy), bits(x), mutable_bits(dx), i0, i1);
-  });
-  return dx;
+  check_same_shape(x, "GELU input", dy, "GELU output gradient");
+  return elementwise(dy, x, gelu_backward_range);
 }
 
 at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
-  check_input(a, "summand");
-  check_input(b, "summand");
-  TORCH_CHECK(a.sizes() == b.sizes(), "shardtune::kernels: sum of ", a.sizes(), " and ", b.sizes());
-  at::Tensor out = at::empty_like(a);
-  at::parallel_for(0, a.numel(), 32768, [&](int64_t i0, int64_t i1) {
-    add_range(bits(a), bits(b), mutable_bits(out), i0, i1);
-  });
-  return out;
+  check_same_shape(a, "summand", b, "summand");
+  return elementwise(a, b, add_range);
 }
 
 }  // namespace shardtune::kernels

@@ -1,7 +1,5 @@
 #include "models/vit.h"
 
-#include "models/cpu_kernels.h"
-
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -9,6 +7,8 @@
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
+
+#include "models/cpu_kernels.h"
 
 namespace shardtune {
 
