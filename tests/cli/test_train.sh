@@ -97,6 +97,7 @@ expect 2 "peft.method=loha is not a known method" -- "${mpi[@]}" "$st" train --c
 expect 2 "model.heads=4 is not divisible by parallel.tp=3" -- "$mpiexec" --oversubscribe -n 3 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 3
 expect 2 "model.mlp_dim=66 is not divisible by parallel.tp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 4 --model.mlp_dim 66
 expect 2 "train.frozen_gemm=mkl must be onednn or blas" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.frozen_gemm mkl
+expect 2 "the argument \('maybe'\) for option '--train.bf16_kernels' is invalid" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.bf16_kernels maybe
 expect 2 "train.profile_step=-1 must be 0" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.profile_step -1
 expect 2 "model.depth=2 is less than parallel.pp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.pp 4
 expect 2 "peft.targets: pattern 'attn.qvk' matches no module" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.targets attn.qvk
