@@ -12,6 +12,7 @@
 
 #include "common/log.h"
 #include "common/runtime.h"
+#include "common/signals.h"
 #include "distributed/mesh.h"
 #include "io/json.h"
 #include "launch/config.h"
@@ -216,7 +217,7 @@ int cmd_train(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
   preflight(rc);
   Mesh mesh = mesh_for(rc, *g_mpi);
-  install_stop_signal_handlers();
+  set_graceful_stop(true);  // from here a stop signal means: finish the step, checkpoint, exit 0
   train(rc.spec(), mesh);
   return 0;
 }
@@ -323,6 +324,9 @@ const Command kCommands[] = {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before MPI, LibTorch, OpenMP or oneDNN start a thread: every thread inherits the blocked
+  // stop signals and only the signal thread receives them (common/signals.h says why).
+  start_signal_thread();
   const LaunchEnv env = launch_env_from_environment();
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
