@@ -32,6 +32,12 @@ void init_op(const std::shared_ptr<Op>& op) {
 
 }  // namespace
 
+void seed_for_path(uint64_t seed, const std::string& path) {
+  uint64_t h = 1469598103934665603ull ^ seed;  // FNV-1a over the seed and the path
+  for (unsigned char ch : path) h = (h ^ ch) * 1099511628211ull;
+  torch::manual_seed(h >> 1);
+}
+
 void trunc_normal_(torch::Tensor t, double std) {
   // Inverse-CDF sampling of N(0,1) restricted to [-2, 2], then scaled.
   torch::NoGradGuard no_grad;
@@ -496,22 +502,35 @@ VisionTransformerImpl::VisionTransformerImpl(const ViTConfig& c, const StagePart
 
 void VisionTransformerImpl::init_weights() {
   torch::NoGradGuard no_grad;
+  // Each tensor from (seed, its module path): a pipeline stage that builds blocks [a, b) draws
+  // what one process building every block does (DESIGN.md's numerical contract).
+  const uint64_t seed = at::detail::getDefaultCPUGenerator().current_seed();
+  auto init_at = [&](const std::string& path, const std::shared_ptr<Op>& op) {
+    seed_for_path(seed, path);
+    init_op(op);
+  };
   if (part.embed) {
+    seed_for_path(seed, "pos_embed");
     trunc_normal_(pos_embed, 0.02);
+    seed_for_path(seed, "cls_token");
     cls_token.normal_(0.0, 1e-6);
+    seed_for_path(seed, "patch_embed.proj");
     patch_embed->proj->reset_parameters();  // PyTorch's default conv init, as timm keeps it
   }
   for (size_t i = 0; i < num_blocks(); ++i) {
     Block b = block(i);
-    for (const auto* op : {&b->norm1, &b->norm2, &b->attn->q_norm, &b->attn->k_norm, &b->attn->qkv, &b->attn->proj,
-                           &b->mlp->fc1, &b->mlp->fc2})
-      init_op(*op);
+    const std::string p = "blocks." + std::to_string(part.first_block + static_cast<int64_t>(i)) + ".";
+    const std::pair<const char*, const std::shared_ptr<Op>*> ops[] = {
+        {"norm1", &b->norm1},         {"norm2", &b->norm2},         {"attn.q_norm", &b->attn->q_norm},
+        {"attn.k_norm", &b->attn->k_norm}, {"attn.qkv", &b->attn->qkv}, {"attn.proj", &b->attn->proj},
+        {"mlp.fc1", &b->mlp->fc1},    {"mlp.fc2", &b->mlp->fc2}};
+    for (const auto& [name, op] : ops) init_at(p + name, *op);
     if (b->ls1_gamma.defined()) b->ls1_gamma.fill_(config.layer_scale);
     if (b->ls2_gamma.defined()) b->ls2_gamma.fill_(config.layer_scale);
   }
-  init_op(norm);
-  init_op(fc_norm);
-  init_op(head);
+  init_at("norm", norm);
+  init_at("fc_norm", fc_norm);
+  init_at("head", head);
 }
 
 torch::Tensor VisionTransformerImpl::embed(const torch::Tensor& images) {

@@ -254,6 +254,11 @@ inline torch::Tensor cast_like(const torch::Tensor& t, const torch::Tensor& like
   return t.defined() ? t.to(like.scalar_type()) : t;
 }
 
+// Seeds torch's global generator from `seed` and a module path (FNV-1a): what a tensor at
+// that path draws then depends on nothing else (not on which stage builds it, nor on the
+// order things were built in).
+void seed_for_path(uint64_t seed, const std::string& path);
+
 // Fills `t` in place from N(0, std) truncated to [-2 std, 2 std] (PyTorch's algorithm).
 void trunc_normal_(torch::Tensor t, double std);
 

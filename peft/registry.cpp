@@ -58,11 +58,7 @@ namespace {
 uint64_t g_peft_seed = 0;
 }
 
-void seed_peft_init(const std::string& path) {
-  uint64_t h = 1469598103934665603ull ^ g_peft_seed;  // FNV-1a over the seed and the path
-  for (unsigned char ch : path) h = (h ^ ch) * 1099511628211ull;
-  torch::manual_seed(h >> 1);
-}
+void seed_peft_init(const std::string& path) { seed_for_path(g_peft_seed, path); }
 
 PeftState apply_peft(VisionTransformerImpl& model, const PeftConfig& cfg) {
   const Method& method = MethodRegistry::instance().get(cfg.method);

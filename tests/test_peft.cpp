@@ -356,7 +356,7 @@ TEST(Peft, AFewAdamStepsLowerTheLoss) {
     for (const auto& [_, t] : s.trainable) params.push_back(t);
     torch::optim::Adam opt(params, torch::optim::AdamOptions(1e-2));
     double first = 0, last = 0;
-    for (int step = 0; step < 25; ++step) {
+    for (int step = 0; step < 40; ++step) {
       opt.zero_grad();
       torch::Tensor loss = torch::nn::functional::cross_entropy(m->forward(x), y);
       loss.backward();
