@@ -69,12 +69,9 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh) {
   return out;
 }
 
-namespace {
-
 using Named = std::vector<std::pair<std::string, torch::Tensor>>;
 
-// Each stage's `mine` (held identically by its dp and tp replicas) onto world rank 0.
-Named gather_stages(const Named& mine, const Mesh& mesh) {
+Named gather_named(const Named& mine, const Mesh& mesh) {
   Named out;
   if (mesh.dp_rank() != 0 || mesh.tp_rank() != 0) return out;  // replicas of what rank 0's pp group holds
   ProcessGroup& pp = *mesh.pp;
@@ -104,10 +101,8 @@ Named gather_stages(const Named& mine, const Mesh& mesh) {
   return out;
 }
 
-}  // namespace
-
 std::vector<std::pair<std::string, torch::Tensor>> gather_trainable(const StageModel& m, const Mesh& mesh) {
-  return gather_stages(m.peft.trainable, mesh);
+  return gather_named(m.peft.trainable, mesh);
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> gather_backbone(const StageModel& m, const Mesh& mesh) {
@@ -133,7 +128,7 @@ std::vector<std::pair<std::string, torch::Tensor>> gather_backbone(const StageMo
     for (int64_t r = 0; r < tp; ++r) full.index_copy_(s.dim, indices.narrow(0, r * index.numel(), index.numel()), parts[r]);
     whole.emplace_back(name, full);
   }
-  return gather_stages(whole, mesh);
+  return gather_named(whole, mesh);
 }
 
 }  // namespace shardtune

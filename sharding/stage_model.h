@@ -41,6 +41,11 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh);
 // sends them. All ranks call it.
 std::vector<std::pair<std::string, torch::Tensor>> gather_trainable(const StageModel& m, const Mesh& mesh);
 
+// `mine` (this stage's named tensors, held identically by its dp and tp replicas) from every
+// stage, on world rank 0 (empty elsewhere). All ranks call it.
+std::vector<std::pair<std::string, torch::Tensor>> gather_named(
+    const std::vector<std::pair<std::string, torch::Tensor>>& mine, const Mesh& mesh);
+
 // The plain backbone (backbone_state: after merge_peft, the merged weights) whole and
 // unsharded on world rank 0: tp shards all-gathered, stages sent over rank 0's pp group.
 // All ranks call it.

@@ -6,14 +6,16 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <filesystem>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "common/log.h"
+#include "common/signals.h"
 #include "distributed/grad_sync.h"
 #include "io/atomic_file.h"
 #include "io/json.h"
@@ -23,15 +25,13 @@
 #include "peft/adapter_io.h"
 #include "peft/method.h"
 #include "sharding/stage_model.h"
+#include "trainer/checkpoint.h"
 
 namespace shardtune {
 
 namespace fs = std::filesystem;
 
 namespace {
-
-std::atomic<bool> g_stop_requested{false};
-void on_stop_signal(int) { g_stop_requested = true; }
 
 double peak_rss_mb() {
   struct rusage ru {};
@@ -96,111 +96,6 @@ double top1(StageModel& b, const Dataset& ds, const RunSpec& spec, const Mesh& m
   return reduce(*mesh.dp, reduce(*mesh.pp, correct, ReduceOp::Sum), ReduceOp::Sum) / static_cast<double>(n);
 }
 
-// --- checkpoints ----------------------------------------------------------------------------
-
-void fsync_file(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f) {
-    ::fsync(::fileno(f));
-    std::fclose(f);
-  }
-}
-
-// The optimizer state file of this rank's pipeline stage.
-std::string optimizer_file(const Mesh& mesh) {
-  return mesh.dims.pp == 1 ? "optimizer.pt" : "optimizer_stage" + std::to_string(mesh.pp_rank()) + ".pt";
-}
-
-// checkpoints/step_N: adapter/ (every stage's tensors, gathered), optimizer.pt (one file
-// per pipeline stage), rng.safetensors, trainer_state.json. Written into a temporary
-// directory, fsynced, then renamed by rank 0, so a crash never leaves a torn one. All
-// ranks call it.
-void save_checkpoint(const RunSpec& spec, const StageModel& b, torch::optim::Optimizer* opt, int64_t step,
-                     const Mesh& mesh) {
-  const fs::path root = fs::path(spec.output.dir) / "checkpoints";
-  const fs::path final_dir = root / ("step_" + std::to_string(step));
-  const fs::path tmp = root / ("step_" + std::to_string(step) + ".tmp");
-  const bool rank0 = mesh.rank == 0;
-  if (rank0) {
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-  }
-  mesh.world->barrier();
-  if (mesh.dp_rank() == 0 && mesh.tp_rank() == 0 && opt) {  // one writer per stage
-    const std::string f = (tmp / optimizer_file(mesh)).string();
-    torch::save(*opt, f);
-    fsync_file(f);
-  }
-  auto adapter = gather_trainable(b, mesh);
-  mesh.world->barrier();
-  if (!rank0) return;
-  save_adapter((tmp / "adapter").string(), PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
-  save_tensors((tmp / "rng.safetensors").string(), {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
-  json::Value state;
-  state.set("step", step);
-  state.set("method", spec.peft.method);
-  state.set("pp", static_cast<int64_t>(mesh.dims.pp));  // optimizer state is per stage
-  io::write_text_atomically((tmp / "trainer_state.json").string(), state.dump(2) + "\n");
-  fs::remove_all(final_dir);
-  fs::rename(tmp, final_dir);
-  spdlog::info("checkpoint written: {}", final_dir.string());
-  // Keep the newest `keep`.
-  std::vector<std::pair<int64_t, fs::path>> all;
-  for (const auto& e : fs::directory_iterator(root)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind("step_", 0) == 0 && name.find('.') == std::string::npos)
-      all.emplace_back(std::stoll(name.substr(5)), e.path());
-  }
-  std::sort(all.begin(), all.end());
-  for (size_t i = 0; i + static_cast<size_t>(std::max<int64_t>(1, spec.output.keep)) < all.size(); ++i)
-    fs::remove_all(all[i].second);
-}
-
-// The checkpoint to resume from, or "" for a fresh start.
-std::string resume_path(const RunSpec& spec) {
-  if (spec.output.resume == "never") return "";
-  if (spec.output.resume != "auto") {
-    if (!fs::exists(fs::path(spec.output.resume) / "trainer_state.json"))
-      throw std::invalid_argument("output.resume=" + spec.output.resume + " is not a checkpoint directory (no trainer_state.json)");
-    return spec.output.resume;
-  }
-  const fs::path root = fs::path(spec.output.dir) / "checkpoints";
-  if (!fs::exists(root)) return "";
-  int64_t best = -1;
-  std::string path;
-  for (const auto& e : fs::directory_iterator(root)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind("step_", 0) != 0 || name.find('.') != std::string::npos) continue;  // skip temporaries
-    if (!fs::exists(e.path() / "trainer_state.json")) continue;
-    int64_t s = std::stoll(name.substr(5));
-    if (s > best) best = s, path = e.path().string();
-  }
-  return path;
-}
-
-int64_t load_checkpoint(const std::string& dir, StageModel& b, torch::optim::Optimizer* opt, const RunSpec& spec,
-                        const Mesh& mesh) {
-  json::Value state = json::parse(io::read_text(dir + "/trainer_state.json"));
-  if (state.at("method").as_string() != spec.peft.method)
-    throw std::invalid_argument(dir + ": checkpoint of peft.method=" + state.at("method").as_string() +
-                                ", this run uses peft.method=" + spec.peft.method);
-  if (const json::Value* pp = state.find("pp"); pp && pp->as_int64() != mesh.dims.pp)
-    throw std::invalid_argument(dir + ": checkpoint written with parallel.pp=" + std::to_string(pp->as_int64()) +
-                                ", this run uses parallel.pp=" + std::to_string(mesh.dims.pp) +
-                                " (the optimizer state is saved per pipeline stage: resume with the same parallel.pp)");
-  load_adapter_weights(dir + "/adapter", b.peft,
-                       keys_of_other_stages(StagePart::of(spec.model, mesh.pp_rank(), mesh.dims.pp), kAdapterKeyPrefix));
-  if (opt) {
-    const std::string f = dir + "/" + optimizer_file(mesh);
-    if (!fs::exists(f))
-      throw std::invalid_argument(f + " is missing: was the checkpoint written with another parallel.pp?");
-    torch::load(*opt, f);
-  }
-  at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
-  gen.set_state(CheckpointReader(dir + "/rng.safetensors").read("cpu", torch::kUInt8));
-  return state.at("step").as_int64();
-}
-
 // --- metrics ---------------------------------------------------------------------------------
 
 // metrics.jsonl: a fresh run starts it anew; a resumed run keeps the lines up to its
@@ -221,17 +116,28 @@ class Metrics {
       }
     }
     io::write_text_atomically(path, kept);
-    out_.open(path, std::ios::app);
+    out_ = std::fopen(path.c_str(), "a");
+    if (!out_) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
+    path_ = path;
   }
+  ~Metrics() {
+    if (out_) std::fclose(out_);
+  }
+  Metrics(const Metrics&) = delete;
+  Metrics& operator=(const Metrics&) = delete;
+  // A line is on disk (in the page cache) or the run stops naming the file: a full disk must
+  // not go unnoticed until the checkpoint.
   void write(const json::Value& line) {
     if (!writer_) return;
-    out_ << line.dump() << "\n";
-    out_.flush();
+    const std::string text = line.dump() + "\n";
+    if (std::fwrite(text.data(), 1, text.size(), out_) != text.size() || std::fflush(out_) != 0)
+      throw std::runtime_error(path_ + ": write failed: " + std::strerror(errno));
   }
 
  private:
   bool writer_;
-  std::ofstream out_;
+  std::FILE* out_ = nullptr;
+  std::string path_;
 };
 
 std::string progress_line(int64_t step, int64_t total, double loss, double ips, double eta_s) {
@@ -246,18 +152,18 @@ std::string progress_line(int64_t step, int64_t total, double loss, double ips, 
 
 }  // namespace
 
-void install_stop_signal_handlers() {
-  std::signal(SIGTERM, on_stop_signal);
-  std::signal(SIGUSR1, on_stop_signal);
-}
-
 double train(const RunSpec& spec, const Mesh& mesh) {
   if (spec.peft.method == "none") throw std::invalid_argument("peft.method=none has nothing to train");
   if (spec.peft.method == "full" && mesh.dims.tp > 1)
     throw std::invalid_argument("peft.method=full with parallel.tp=" + std::to_string(mesh.dims.tp) +
                                 ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
   const bool rank0 = mesh.rank == 0;
-  if (rank0) fs::create_directories(spec.output.dir);
+  std::unique_ptr<OutputDirLock> lock;  // held by rank 0, the only writer, until the run ends
+  if (rank0) {
+    fs::create_directories(spec.output.dir);
+    lock = std::make_unique<OutputDirLock>(spec.output.dir);
+    remove_stale_temporaries(spec.output.dir);
+  }
   mesh.world->barrier();
 
   Splits data = load_splits(spec.data, spec.model);
@@ -275,7 +181,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
       spec.train.epochs > 0 ? (spec.train.epochs * data.train.size() + spec.data.batch_size - 1) / spec.data.batch_size
                             : spec.train.steps;
   int64_t step = 0;
-  if (std::string from = resume_path(spec); !from.empty()) {
+  if (std::string from = resume_path(spec, rank0); !from.empty()) {
     step = load_checkpoint(from, b, opt.get(), spec, mesh);
     spdlog::info("resumed from {} at step {}", from, step);
   }
@@ -384,7 +290,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     }
     const bool exit_now = spec.train.exit_interval > 0 && step - first_step >= spec.train.exit_interval && step < total;
     // Every rank must agree to stop, or one would wait in the next step's collectives.
-    const bool signalled = reduce(*mesh.world, g_stop_requested ? 1.0 : 0.0, ReduceOp::Max) > 0;
+    const bool signalled = reduce(*mesh.world, stop_requested() ? 1.0 : 0.0, ReduceOp::Max) > 0;
     const bool periodic = spec.output.checkpoint_every > 0 && step % spec.output.checkpoint_every == 0;
     if (periodic || exit_now || signalled) save_checkpoint(spec, b, opt.get(), step, mesh);
     if (exit_now || signalled) {

@@ -62,7 +62,4 @@ double train(const RunSpec& spec, const Mesh& mesh);
 // output.dir/eval.json on rank 0. Returns top-1.
 double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh);
 
-// Set by SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0.
-void install_stop_signal_handlers();
-
 }  // namespace shardtune

@@ -52,13 +52,8 @@ grep -q '"pipeline_bubble_ideal": 0.333' "$work/t_lora_1_1_2/summary.json" && pa
 piped=("${train[@]}" --parallel.pp 2 --parallel.microbatches 2 --parallel.schedule gpipe)
 expect 0 "done: eval top-1" -- mpi 2 "$st" "${piped[@]}" --output.dir "$work/p_full"
 expect 0 "stopping at step 3" -- mpi 2 "$st" "${piped[@]}" --output.dir "$work/p_resumed" --train.exit_interval 3
-[[ -s "$work/p_resumed/checkpoints/step_3/optimizer_stage1.pt" ]] && pass "stage 1 wrote its optimizer state" ||
-  failed "no optimizer_stage1.pt in the checkpoint"
-cp -r "$work/p_resumed/checkpoints/step_3" "$work/step_3.bak"
-expect 2 "step_3: checkpoint written with parallel.pp=2, this run uses parallel.pp=1" -- \
-  "$st" "${train[@]}" --output.dir "$work/p_other" --output.resume "$work/p_resumed/checkpoints/step_3"
-diff -r "$work/p_resumed/checkpoints/step_3" "$work/step_3.bak" >/dev/null && pass "a refused resume leaves the checkpoint intact" ||
-  failed "a refused resume changed the checkpoint"
+grep -q '"blocks.3.attn.qkv.lora_A_q.weight.exp_avg"' <(head -c 8192 "$work/p_resumed/checkpoints/step_3/optimizer.safetensors") &&
+  pass "the checkpoint holds stage 1's optimizer state by name" || failed "no stage-1 optimizer state in optimizer.safetensors"
 expect 0 "resumed from .*step_3 at step 3.*done" -- mpi 2 "$st" "${piped[@]}" --output.dir "$work/p_resumed"
 cmp -s "$work/p_full/adapter/adapter_model.safetensors" "$work/p_resumed/adapter/adapter_model.safetensors" &&
   pass "resumed pipelined adapter is byte-identical" || failed "resumed pipelined adapter differs"
