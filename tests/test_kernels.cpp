@@ -1,8 +1,11 @@
 // The bf16 AVX-512 kernels (models/cpu_kernels.h) against LibTorch computed in fp32 and
 // double, on widths that exercise whole vectors, a masked tail and both; and the ViT step
 // with the kernels on against the same step with LibTorch's ops.
+#include <c10/core/CPUAllocator.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <set>
 #include <string>
@@ -267,6 +270,87 @@ TEST(Kernels, LayerNormOpTrainsItsWeightThroughTheKernel) {
     ASSERT_TRUE(on[i].defined());
     EXPECT_EQ(on[i].scalar_type(), off[i].scalar_type());
     EXPECT_LT(rel_err(on[i].to(torch::kFloat), off[i].to(torch::kFloat)), 0.01);
+  }
+}
+
+// --- tails against guard pages -------------------------------------------------------------
+// ASan does not check masked AVX-512 loads and stores, so the kernels' tails are checked the
+// way a hardware fault would: every CPU tensor made while a GuardPages scope lives is placed
+// flush against a PROT_NONE page (after its last byte, or before its first), so a load or
+// store one element past either end kills the test with SIGSEGV.
+class GuardPageAllocator final : public c10::Allocator {
+ public:
+  explicit GuardPageAllocator(bool guard_after) : after_(guard_after) {}
+  c10::DataPtr allocate(size_t n) const override {
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    const size_t body = (std::max<size_t>(n, 1) + page - 1) / page * page;
+    auto* m = new Mapping{nullptr, body + 2 * page};
+    m->base = static_cast<char*>(::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (m->base == MAP_FAILED) throw std::bad_alloc();
+    ::mprotect(m->base, page, PROT_NONE);
+    ::mprotect(m->base + page + body, page, PROT_NONE);
+    char* data = after_ ? m->base + page + (body - n) : m->base + page;  // flush against one guard
+    return {data, m, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+
+ private:
+  struct Mapping {
+    char* base;
+    size_t size;
+  };
+  static void release(void* ctx) {
+    auto* m = static_cast<Mapping*>(ctx);
+    ::munmap(m->base, m->size);
+    delete m;
+  }
+  bool after_;
+};
+
+struct GuardPages {
+  explicit GuardPages(bool after) : alloc(after), previous(c10::GetCPUAllocator()) { c10::SetCPUAllocator(&alloc, 255); }
+  ~GuardPages() { c10::SetCPUAllocator(previous, 255); }
+  GuardPageAllocator alloc;
+  c10::Allocator* previous;
+};
+
+TEST(Kernels, TailsStayInsideTheirBuffersAtBothEnds) {
+  SKIP_WITHOUT_AVX512_BF16();
+  torch::manual_seed(9);
+  // Widths: under one vector, one vector, one plus a tail, several plus a tail (bf16: 32 a vector).
+  for (int64_t width : {1, 7, 16, 31, 32, 33, 63, 64, 65, 97}) {
+    for (bool after : {true, false}) {
+      SCOPED_TRACE("width " + std::to_string(width) + (after ? ", guard after" : ", guard before"));
+      torch::Tensor x0 = torch::randn({3, width}), dy0 = torch::randn({3, width});
+      torch::Tensor w0 = torch::rand({width}) + 0.5, b0 = torch::randn({width});
+      torch::Tensor ref_sm = torch::softmax(x0, -1), ref_gelu = torch::gelu(x0), ref_ln = torch::layer_norm(x0, {width}, w0, b0, 1e-6);
+      torch::Tensor sm, smb, ln, lndx, g, gb, sum, biased;
+      {
+        GuardPages guard(after);
+        // Every input and output here lives flush against a guard page.
+        torch::Tensor x = x0.to(bf), dy = dy0.to(bf), w = w0.clone(), b = b0.clone();
+        sm = kernels::softmax_lastdim(x);
+        smb = kernels::softmax_lastdim_backward(sm, dy);
+        auto [y, mean, rstd] = kernels::layer_norm(x, w, b, 1e-6);
+        ln = y;
+        lndx = kernels::layer_norm_backward(dy, x, w, mean, rstd, true, true).dx;
+        g = kernels::gelu(x);
+        gb = kernels::gelu_backward(dy, x);
+        sum = kernels::add(x, dy);
+        biased = x.clone();
+        kernels::add_bias_(biased, b);
+        sm = sm.to(torch::kFloat), ln = ln.to(torch::kFloat), g = g.to(torch::kFloat), sum = sum.to(torch::kFloat);
+        biased = biased.to(torch::kFloat), smb = smb.to(torch::kFloat), lndx = lndx.to(torch::kFloat), gb = gb.to(torch::kFloat);
+      }
+      // The values too: a tail that read a neighbour's bytes would show here.
+      EXPECT_LT((sm - ref_sm).abs().max().item<double>(), 0.02);
+      EXPECT_LT((g - ref_gelu).abs().max().item<double>(), 0.05);
+      EXPECT_LT((ln - ref_ln).abs().max().item<double>(), 0.1);
+      EXPECT_LT((sum - (x0.to(bf).to(torch::kFloat) + dy0.to(bf).to(torch::kFloat))).abs().max().item<double>(), 0.05);
+      EXPECT_LT((biased - (x0.to(bf).to(torch::kFloat) + b0)).abs().max().item<double>(), 0.05);
+      EXPECT_TRUE(torch::isfinite(smb).all().item<bool>() && torch::isfinite(lndx).all().item<bool>() &&
+                  torch::isfinite(gb).all().item<bool>());
+    }
   }
 }
 
