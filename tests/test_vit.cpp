@@ -334,7 +334,8 @@ bool gemm_node_is(const torch::Tensor& y, const std::string& name) {
 }  // namespace
 
 // fp32: the oneDNN inner-product path; bf16: one mm (oneDNN's bf16 GEMM either way) with the
-// bias added in place. Each against torch::linear (the Blas setting) in value and gradients.
+// bias added in place. Each, and torch::linear (the Blas setting), against the same
+// computation in float64 on the same (rounded) inputs, in value and gradients.
 TEST(FrozenGemm, FastPathsMatchTorchLinearInValueAndGradients) {
   if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
   torch::manual_seed(3);
@@ -345,21 +346,30 @@ TEST(FrozenGemm, FastPathsMatchTorchLinearInValueAndGradients) {
     // 3-D input and a non-contiguous one (a transposed view), as attention outputs are.
     for (bool contiguous : {true, false}) {
       torch::Tensor base = (contiguous ? torch::randn({4, 70, 160}) : torch::randn({4, 160, 70}).transpose(1, 2)).to(dtype);
-      std::map<FrozenGemm, std::vector<torch::Tensor>> got;
-      for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) {
+      auto run = [&](FrozenGemm path, torch::ScalarType t) {
         FrozenGemmScope scope(path);
-        torch::Tensor x = base.detach().clone().requires_grad_(true);
-        torch::Tensor b = b0.clone().requires_grad_(true);  // a trainable bias (BitFit)
-        torch::Tensor y = frozen_aware_linear(x, w, b);
-        EXPECT_EQ(gemm_node_is(y, "FrozenMatmul"), path == FrozenGemm::OneDnn) << y.grad_fn()->name();
+        torch::Tensor x = base.detach().to(t).clone().requires_grad_(true);
+        torch::Tensor b = b0.to(t).clone().requires_grad_(true);  // a trainable bias (BitFit)
+        torch::Tensor y = frozen_aware_linear(x, w.to(t), b);
+        if (t == dtype) EXPECT_EQ(gemm_node_is(y, "FrozenMatmul"), path == FrozenGemm::OneDnn) << y.grad_fn()->name();
         y.narrow(-1, 10, 20).mul_(2.0);  // callers add into the output in place (LoRA on q/v)
-        (y * torch::linspace(-1, 1, 96).to(dtype)).sum().backward();
-        got[path] = {y.detach().to(torch::kFloat), x.grad().to(torch::kFloat), b.grad().to(torch::kFloat)};
+        (y * torch::linspace(-1, 1, 96).to(t)).sum().backward();
+        return std::vector<torch::Tensor>{y.detach().to(torch::kFloat), x.grad().to(torch::kFloat), b.grad().to(torch::kFloat)};
+      };
+      const auto exact = run(FrozenGemm::Blas, torch::kDouble);
+      std::map<FrozenGemm, std::vector<torch::Tensor>> got;
+      for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) got[path] = run(path, dtype);
+      // bf16: both round to bf16 (8 bits), the fast path once more (after the GEMM, before the
+      // bias). A CPU without AVX-512 BF16 accumulates LibTorch's bf16 GEMMs less exactly (there
+      // torch::linear itself is 1.2-1.3% off the exact result, and 1.2% from the fast path), so
+      // each is held to the exact result, and the fast path to torch::linear's own accuracy.
+      for (size_t i = 0; i < 3; ++i) {
+        const std::string what = "tensor " + std::to_string(i) + (bf16 ? " bf16" : " fp32") + (contiguous ? "" : ", strided input");
+        const double blas = rel_err(got[FrozenGemm::Blas][i], exact[i]), fast = rel_err(got[FrozenGemm::OneDnn][i], exact[i]);
+        EXPECT_LT(blas, bf16 ? 2e-2 : 1e-5) << what << ": torch::linear";
+        EXPECT_LT(fast, bf16 ? 2e-2 : 1e-5) << what << ": fast path";
+        if (bf16) EXPECT_LE(fast, 1.5 * blas + 1e-3) << what << ": the fast path is less exact than torch::linear";
       }
-      // bf16: both round to bf16 (8 bits), the fast path once more (after the GEMM, before the bias).
-      const double tol = bf16 ? 1e-2 : 1e-5;
-      for (size_t i = 0; i < 3; ++i)
-        EXPECT_LT(rel_err(got[FrozenGemm::OneDnn][i], got[FrozenGemm::Blas][i]), tol) << "tensor " << i << " " << dtype;
     }
   }
 }
