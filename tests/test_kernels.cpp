@@ -314,6 +314,21 @@ struct GuardPages {
   c10::Allocator* previous;
 };
 
+// The guard itself: a write one element past either end of a tensor faults; inside does not.
+TEST(Kernels, GuardPagesCatchAWriteOneElementPastEitherEnd) {
+  testing::FLAGS_gtest_death_test_style = "threadsafe";
+  for (bool after : {true, false}) {
+    auto write = [after](int64_t i) {
+      GuardPages guard(after);
+      torch::Tensor t = torch::zeros({33}, torch::kBFloat16);
+      static_cast<volatile uint16_t*>(t.data_ptr())[i] = 1;
+      return t.sum().item<double>();
+    };
+    EXPECT_NE(write(after ? 32 : 0), 0.0);
+    EXPECT_DEATH(write(after ? 33 : -1), "") << (after ? "one past the end" : "one before the start");
+  }
+}
+
 TEST(Kernels, TailsStayInsideTheirBuffersAtBothEnds) {
   SKIP_WITHOUT_AVX512_BF16();
   torch::manual_seed(9);
