@@ -8,7 +8,9 @@
 // aborts ("corrupted size vs. prev_size"). Upstream oneDNN #4845, fixed in v3.12 (PR #4855).
 // Every frozen fp32 GEMM of a real ViT (K >= 768) takes that path. So the signals are blocked
 // in the main thread before any other thread exists (MPI's, OpenMP's, oneDNN's inherit the
-// mask) and taken with sigwait() on a thread that never computes.
+// mask) and taken with sigwait() on a thread that never computes. Open MPI's own handlers are
+// for faults only (its opal_signal list: SIGABRT, SIGBUS, SIGFPE, SIGSEGV, to print a
+// backtrace): those run on the faulting thread by nature, when the process is already lost.
 //
 // What a signal does:
 //   graceful mode (train): the first SIGTERM / SIGUSR1 / SIGHUP / SIGINT sets stop_requested()
