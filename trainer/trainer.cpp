@@ -152,192 +152,180 @@ std::string progress_line(int64_t step, int64_t total, double loss, double ips, 
 
 }  // namespace
 
-double train(const RunSpec& spec, const Mesh& mesh) {
-  if (spec.peft.method == "none") throw std::invalid_argument("peft.method=none has nothing to train");
-  if (spec.peft.method == "full" && mesh.dims.tp > 1)
-    throw std::invalid_argument("peft.method=full with parallel.tp=" + std::to_string(mesh.dims.tp) +
-                                ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
-  const bool rank0 = mesh.rank == 0;
-  std::unique_ptr<OutputDirLock> lock;  // held by rank 0, the only writer, until the run ends
-  if (rank0) {
+// --- the run, step by step ----------------------------------------------------------------
+
+namespace {
+
+// Everything one rank holds for a training run.
+struct Run {
+  Run(const RunSpec& s, const Mesh& m) : spec(s), mesh(m), rank0(m.rank == 0) {}
+  const RunSpec& spec;
+  const Mesh& mesh;
+  bool rank0;
+  std::unique_ptr<OutputDirLock> lock;    // rank 0, the only writer, holds output.dir
+  Splits data;
+  StageModel b;
+  std::vector<torch::Tensor> params;      // this stage's trainable tensors
+  std::unique_ptr<torch::optim::AdamW> opt;  // none on a stage before every trainable parameter
+  std::unique_ptr<GradSync> sync;
+  int64_t total = 0;                      // optimizer steps of the whole run
+  int64_t microbatches = 1;
+  std::vector<PipeOp> ops;                // this stage's schedule of one step
+  int64_t trainable_params = 0;           // over every stage
+};
+
+// What one optimizer step measured.
+struct StepStats {
+  double loss = 0, grad_norm = 0, lr = 0, wait_fraction = 0;
+};
+
+// Locks output.dir, loads the data, builds this rank's stage, its optimizer and gradient sync.
+void set_up(Run& r) {
+  const RunSpec& spec = r.spec;
+  if (r.rank0) {
     fs::create_directories(spec.output.dir);
-    lock = std::make_unique<OutputDirLock>(spec.output.dir);
+    r.lock = std::make_unique<OutputDirLock>(spec.output.dir);
     remove_stale_temporaries(spec.output.dir);
   }
-  mesh.world->barrier();
+  r.mesh.world->barrier();
+  r.data = load_splits(spec.data, spec.model);
+  r.b = build(spec, r.mesh);
+  for (const auto& [_, t] : r.b.peft.trainable) r.params.push_back(t);
+  if (!r.params.empty())
+    r.opt = std::make_unique<torch::optim::AdamW>(r.params, torch::optim::AdamWOptions(spec.train.lr)
+                                                                .betas({spec.train.beta1, spec.train.beta2})
+                                                                .weight_decay(spec.train.weight_decay));
+  r.sync = std::make_unique<GradSync>(r.params, r.mesh.dp, spec.bucket_mb);
+  r.total = spec.train.epochs > 0
+                ? (spec.train.epochs * r.data.train.size() + spec.data.batch_size - 1) / spec.data.batch_size
+                : spec.train.steps;
+  // Micro-batches: equal chunks of the local batch, each loss scaled by 1/m so the accumulated
+  // gradient is the whole batch's mean; the dp buckets launch during the last backward.
+  r.microbatches = std::max<int64_t>(1, spec.microbatches);
+  r.ops = pipeline_schedule(spec.schedule, r.b.role.stage, r.b.role.stages, static_cast<int>(r.microbatches));
+}
 
-  Splits data = load_splits(spec.data, spec.model);
-  StageModel b = build(spec, mesh);
-  std::vector<torch::Tensor> params;
-  for (const auto& [_, t] : b.peft.trainable) params.push_back(t);
-  std::unique_ptr<torch::optim::AdamW> opt;  // a stage before every trainable parameter has none
-  if (!params.empty())
-    opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(spec.train.lr)
-                                                            .betas({spec.train.beta1, spec.train.beta2})
-                                                            .weight_decay(spec.train.weight_decay));
-  GradSync sync(params, mesh.dp, spec.bucket_mb);
+// The step to start from: 0, or the checkpoint's (all ranks call it).
+int64_t resume(Run& r) {
+  const std::string from = resume_path(r.spec, r.rank0);
+  if (from.empty()) return 0;
+  const int64_t step = load_checkpoint(from, r.b, r.opt.get(), r.spec, r.mesh);
+  spdlog::info("resumed from {} at step {}", from, step);
+  return step;
+}
 
-  const int64_t total =
-      spec.train.epochs > 0 ? (spec.train.epochs * data.train.size() + spec.data.batch_size - 1) / spec.data.batch_size
-                            : spec.train.steps;
-  int64_t step = 0;
-  if (std::string from = resume_path(spec, rank0); !from.empty()) {
-    step = load_checkpoint(from, b, opt.get(), spec, mesh);
-    spdlog::info("resumed from {} at step {}", from, step);
-  }
+void log_start(Run& r) {
   // Counted over the stages, once per stage (tp ranks hold shards of the same tensors).
   double local_params = 0, local_trainable = 0;
-  for (const auto& p : b.model->parameters()) local_params += static_cast<double>(p.numel());
-  for (const auto& p : params) local_trainable += static_cast<double>(p.numel());
-  const auto total_params = static_cast<int64_t>(spec.model.param_count());
-  const auto trainable_params = static_cast<int64_t>(reduce(*mesh.pp, local_trainable, ReduceOp::Sum));
+  for (const auto& p : r.b.model->parameters()) local_params += static_cast<double>(p.numel());
+  for (const auto& p : r.params) local_trainable += static_cast<double>(p.numel());
+  r.trainable_params = static_cast<int64_t>(reduce(*r.mesh.pp, local_trainable, ReduceOp::Sum));
+  const RunSpec& spec = r.spec;
   spdlog::info("train: {} with {} on {} ({} train / {} val / {} test images), {} trainable of {} parameters, {} steps; "
                "this rank: blocks [{}, {}), {:.0f} parameters",
-               spec.model.arch, spec.peft.method, mesh.dims.str(), data.train.size(), data.val.size(), data.test.size(),
-               trainable_params, total_params, total, b.model->part.first_block, b.model->part.end_block, local_params);
+               spec.model.arch, spec.peft.method, r.mesh.dims.str(), r.data.train.size(), r.data.val.size(),
+               r.data.test.size(), r.trainable_params, spec.model.param_count(), r.total, r.b.model->part.first_block,
+               r.b.model->part.end_block, local_params);
+}
 
-  Metrics metrics(spec.output.dir, rank0, step);
-  Prefetcher prefetch(data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp);
-  const bool tty = rank0 && ::isatty(STDERR_FILENO);
-  std::vector<double> step_times, wait_fractions;
-  const int64_t first_step = step;
-  bool stopped = false;
-  b.model->train();
-  // Micro-batches: equal chunks of the local batch, each loss scaled by 1/m so the
-  // accumulated gradient is the whole batch's mean; the dp buckets launch during the last
-  // backward of the schedule.
-  const int64_t m = std::max<int64_t>(1, spec.microbatches);
-  const auto ops = pipeline_schedule(spec.schedule, b.role.stage, b.role.stages, static_cast<int>(m));
+// One optimizer step (all ranks): the pipeline schedule over the micro-batches, dp gradient
+// sync, global-norm clipping, AdamW at the scheduled learning rate.
+StepStats train_step(Run& r, const Batch& batch, int64_t step) {
+  const RunSpec& spec = r.spec;
+  const Mesh& mesh = r.mesh;
+  const int64_t m = r.microbatches;
+  if (r.opt) r.opt->zero_grad();
+  auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
+  double local_loss = 0;
+  StageHooks hooks;
+  hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
+  hooks.forward = [&](const torch::Tensor& x) { return r.b.model->forward(x); };
+  hooks.loss = [&](int mb, const torch::Tensor& logits) {
+    torch::Tensor loss = torch::nn::functional::cross_entropy(
+        logits.to(torch::kFloat32), labels[static_cast<size_t>(mb)],
+        torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
+    local_loss += loss.item<double>() / static_cast<double>(m);
+    return loss / static_cast<double>(m);
+  };
+  hooks.before_last_backward = [&] { r.sync->prepare_for_backward(); };
+  PipelineTimes pt = run_pipeline(r.ops, r.b.role, hooks, mesh.pp.get());
+  r.sync->finish();
 
-  while (step < total) {
-    std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
-    if (step + 1 == spec.train.profile_step)
-      profile = std::make_unique<torch::autograd::profiler::RecordProfile>(
-          spec.output.dir + "/profile_step_" + std::to_string(step + 1) + "_rank" + std::to_string(mesh.rank) +
-          ".json");
-    auto t0 = std::chrono::steady_clock::now();
-    Batch batch = prefetch.get(step);
-    if (opt) opt->zero_grad();
-    auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
-    double local_loss = 0;
-    StageHooks hooks;
-    hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
-    hooks.forward = [&](const torch::Tensor& x) { return b.model->forward(x); };
-    hooks.loss = [&](int mb, const torch::Tensor& logits) {
-      torch::Tensor loss = torch::nn::functional::cross_entropy(
-          logits.to(torch::kFloat32), labels[static_cast<size_t>(mb)],
-          torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(spec.train.label_smoothing));
-      local_loss += loss.item<double>() / static_cast<double>(m);
-      return loss / static_cast<double>(m);
-    };
-    hooks.before_last_backward = [&] { sync.prepare_for_backward(); };
-    PipelineTimes pt = run_pipeline(ops, b.role, hooks, mesh.pp.get());
-    sync.finish();
-    wait_fractions.push_back(pt.total_s > 0 ? pt.wait_s / pt.total_s : 0.0);
-
-    // The loss lives on the last stage: summed over pp (others add 0), averaged over dp.
-    const double global_loss = reduce(*mesh.dp, reduce(*mesh.pp, local_loss, ReduceOp::Sum), ReduceOp::Avg);
-    if (!std::isfinite(global_loss))
-      throw std::runtime_error("train: the loss is " + std::to_string(global_loss) + " at step " + std::to_string(step + 1) +
-                               "; stopping (the last checkpoint is intact)");
-    // Gradients are identical over dp (synced) and tp (summed in the regions): the norm
-    // sums over the stages only.
-    double sq = 0;
-    for (auto& p : params)
-      if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
-    const double grad_norm = std::sqrt(reduce(*mesh.pp, sq, ReduceOp::Sum));
-    if (spec.train.grad_clip > 0 && grad_norm > spec.train.grad_clip) {
-      torch::NoGradGuard g;
-      for (auto& p : params)
-        if (p.grad().defined()) p.mutable_grad().mul_(spec.train.grad_clip / (grad_norm + 1e-6));
-    }
-    const double lr = lr_at(spec.train, step, total);
-    if (opt) {
-      for (auto& group : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-      opt->step();
-    }
-    ++step;
-
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    // The profiled step runs slower (the profiler's own cost): left out of the median.
-    if (step > first_step + 1 && !profile) step_times.push_back(secs);
-    profile.reset();  // writes the trace
-    const double ips = static_cast<double>(spec.data.batch_size) / secs;
-    json::Value line;
-    line.set("step", step);
-    line.set("loss", global_loss);
-    line.set("lr", lr);
-    line.set("grad_norm", grad_norm);
-    line.set("images_per_sec", ips);
-    metrics.write(line);
-    const double eta = median(step_times.empty() ? std::vector<double>{secs} : step_times) * static_cast<double>(total - step);
-    if (tty) {
-      std::fprintf(stderr, "\r%s", progress_line(step, total, global_loss, ips, eta).c_str());
-      if (step == total) std::fprintf(stderr, "\n");
-    } else if (step % std::max<int64_t>(1, spec.train.log_every) == 0 || step == total) {
-      spdlog::info("step {}/{}  loss {:.4f}  lr {:.3g}  grad_norm {:.3f}  {:.1f} img/s  ETA {:.0f}s", step, total,
-                   global_loss, lr, grad_norm, ips, eta);
-    }
-
-    if (spec.train.eval_every > 0 && step % spec.train.eval_every == 0 && step < total) {
-      json::Value ev;
-      ev.set("step", step);
-      ev.set("eval_top1", top1(b, data.test, spec, mesh));
-      if (data.val.size() > 0) ev.set("val_top1", top1(b, data.val, spec, mesh));
-      metrics.write(ev);
-      if (tty) std::fprintf(stderr, "\n");
-      spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
-    }
-    const bool exit_now = spec.train.exit_interval > 0 && step - first_step >= spec.train.exit_interval && step < total;
-    // Every rank must agree to stop, or one would wait in the next step's collectives.
-    const bool signalled = reduce(*mesh.world, stop_requested() ? 1.0 : 0.0, ReduceOp::Max) > 0;
-    const bool periodic = spec.output.checkpoint_every > 0 && step % spec.output.checkpoint_every == 0;
-    if (periodic || exit_now || signalled) save_checkpoint(spec, b, opt.get(), step, mesh);
-    if (exit_now || signalled) {
-      if (tty) std::fprintf(stderr, "\n");
-      spdlog::info("stopping at step {} ({}); resume with output.resume=auto", step,
-                   signalled ? "signal" : "train.exit_interval");
-      stopped = true;
-      break;
-    }
+  StepStats out;
+  out.wait_fraction = pt.total_s > 0 ? pt.wait_s / pt.total_s : 0.0;
+  // The loss lives on the last stage: summed over pp (others add 0), averaged over dp.
+  out.loss = reduce(*mesh.dp, reduce(*mesh.pp, local_loss, ReduceOp::Sum), ReduceOp::Avg);
+  if (!std::isfinite(out.loss))
+    throw std::runtime_error("train: the loss is " + std::to_string(out.loss) + " at step " + std::to_string(step + 1) +
+                             "; stopping (the last checkpoint is intact)");
+  // Gradients are identical over dp (synced) and tp (summed in the regions): the norm sums
+  // over the stages only.
+  double sq = 0;
+  for (auto& p : r.params)
+    if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
+  out.grad_norm = std::sqrt(reduce(*mesh.pp, sq, ReduceOp::Sum));
+  if (spec.train.grad_clip > 0 && out.grad_norm > spec.train.grad_clip) {
+    torch::NoGradGuard g;
+    for (auto& p : r.params)
+      if (p.grad().defined()) p.mutable_grad().mul_(spec.train.grad_clip / (out.grad_norm + 1e-6));
   }
-  mesh.world->barrier();
-  if (stopped) return std::nan("");
+  out.lr = lr_at(spec.train, step, r.total);
+  if (r.opt) {
+    for (auto& group : r.opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(out.lr);
+    r.opt->step();
+  }
+  return out;
+}
 
-  const double test_top1 = top1(b, data.test, spec, mesh);
-  const double val_top1 = top1(b, data.val, spec, mesh);
+// Test (and val) top-1 into metrics.jsonl (all ranks call it).
+void evaluate(Run& r, int64_t step, Metrics& metrics) {
+  json::Value ev;
+  ev.set("step", step);
+  ev.set("eval_top1", top1(r.b, r.data.test, r.spec, r.mesh));
+  if (r.data.val.size() > 0) ev.set("val_top1", top1(r.b, r.data.val, r.spec, r.mesh));
+  metrics.write(ev);
+  spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
+}
+
+// The final evaluation, adapter and summary.json (all ranks call it; rank 0 writes).
+double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<double>& step_times,
+                  const std::vector<double>& wait_fractions) {
+  const RunSpec& spec = r.spec;
+  const Mesh& mesh = r.mesh;
+  const double test_top1 = top1(r.b, r.data.test, spec, mesh);
+  const double val_top1 = top1(r.b, r.data.val, spec, mesh);
   const double rss = reduce(*mesh.world, peak_rss_mb(), ReduceOp::Max);
   const double wait_fraction = reduce(*mesh.world, median(wait_fractions), ReduceOp::Max);
-  const double loaded_bytes = reduce(*mesh.world, static_cast<double>(b.checkpoint_bytes), ReduceOp::Max);
-  auto adapter = gather_trainable(b, mesh);
-  if (rank0) {
+  const double loaded_bytes = reduce(*mesh.world, static_cast<double>(r.b.checkpoint_bytes), ReduceOp::Max);
+  auto adapter = gather_trainable(r.b, mesh);
+  if (r.rank0) {
     json::Value ev;
     ev.set("step", step);
     ev.set("eval_top1", test_top1);
-    if (data.val.size() > 0) ev.set("val_top1", val_top1);
+    if (r.data.val.size() > 0) ev.set("val_top1", val_top1);
     metrics.write(ev);
     save_adapter(spec.output.dir + "/adapter", PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
     if (spec.peft.method == "full")  // a pretrained backbone in timm naming (every tensor is trainable)
       save_tensors(spec.output.dir + "/backbone.safetensors", adapter, {{"format", "pt"}});
     json::Value summary;
     summary.set("eval_top1", test_top1);
-    summary.set("val_top1", data.val.size() > 0 ? json::Value(val_top1) : json::Value(nullptr));
-    summary.set("trainable_params", trainable_params);
-    summary.set("total_params", total_params);
+    summary.set("val_top1", r.data.val.size() > 0 ? json::Value(val_top1) : json::Value(nullptr));
+    summary.set("trainable_params", r.trainable_params);
+    summary.set("total_params", static_cast<int64_t>(spec.model.param_count()));
     summary.set("steps", step);
     const double st = median(step_times);
     summary.set("step_time_s", st);
     summary.set("images_per_sec", st > 0 ? static_cast<double>(spec.data.batch_size) / st : 0.0);
     summary.set("peak_rss_mb", rss);
-    summary.set("grad_sync_bytes_per_step", sync.bytes_per_step());
+    summary.set("grad_sync_bytes_per_step", r.sync->bytes_per_step());
     summary.set("pipeline_wait_fraction", wait_fraction);
-    summary.set("pipeline_bubble_ideal", ideal_bubble(mesh.dims.pp, static_cast<int>(m)));
+    summary.set("pipeline_bubble_ideal", ideal_bubble(mesh.dims.pp, static_cast<int>(r.microbatches)));
     summary.set("checkpoint_bytes_read_max_rank", loaded_bytes);
     json::Value mj;
     mj.set("dp", mesh.dims.dp);
     mj.set("tp", mesh.dims.tp);
     mj.set("pp", mesh.dims.pp);
-    mj.set("microbatches", m);
+    mj.set("microbatches", r.microbatches);
     mj.set("schedule", spec.schedule);
     summary.set("mesh", mj);
     summary.set("precision", spec.train.precision);
@@ -346,8 +334,81 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     summary.set("method", spec.peft.method);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
   }
-  spdlog::info("done: eval top-1 {:.4f} on {} test images; outputs in {}", test_top1, data.test.size(), spec.output.dir);
+  spdlog::info("done: eval top-1 {:.4f} on {} test images; outputs in {}", test_top1, r.data.test.size(), spec.output.dir);
   return test_top1;
+}
+
+std::unique_ptr<torch::autograd::profiler::RecordProfile> maybe_profile(const RunSpec& spec, int64_t step, int rank) {
+  if (step + 1 != spec.train.profile_step) return nullptr;
+  return std::make_unique<torch::autograd::profiler::RecordProfile>(
+      spec.output.dir + "/profile_step_" + std::to_string(step + 1) + "_rank" + std::to_string(rank) + ".json");
+}
+
+}  // namespace
+
+double train(const RunSpec& spec, const Mesh& mesh) {
+  if (spec.peft.method == "none") throw std::invalid_argument("peft.method=none has nothing to train");
+  if (spec.peft.method == "full" && mesh.dims.tp > 1)
+    throw std::invalid_argument("peft.method=full with parallel.tp=" + std::to_string(mesh.dims.tp) +
+                                ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
+  Run r(spec, mesh);
+  set_up(r);
+  int64_t step = resume(r);
+  log_start(r);
+
+  Metrics metrics(spec.output.dir, r.rank0, step);
+  Prefetcher prefetch(r.data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp);
+  const bool tty = r.rank0 && ::isatty(STDERR_FILENO);
+  std::vector<double> step_times, wait_fractions;
+  const int64_t first_step = step;
+  r.b.model->train();
+  while (step < r.total) {
+    auto profile = maybe_profile(spec, step, mesh.rank);
+    auto t0 = std::chrono::steady_clock::now();
+    const StepStats s = train_step(r, prefetch.get(step), step);
+    ++step;
+    wait_fractions.push_back(s.wait_fraction);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // The profiled step runs slower (the profiler's own cost): left out of the median.
+    if (step > first_step + 1 && !profile) step_times.push_back(secs);
+    profile.reset();  // writes the trace
+
+    const double ips = static_cast<double>(spec.data.batch_size) / secs;
+    json::Value line;
+    line.set("step", step);
+    line.set("loss", s.loss);
+    line.set("lr", s.lr);
+    line.set("grad_norm", s.grad_norm);
+    line.set("images_per_sec", ips);
+    metrics.write(line);
+    const double eta = median(step_times.empty() ? std::vector<double>{secs} : step_times) * static_cast<double>(r.total - step);
+    if (tty) {
+      std::fprintf(stderr, "\r%s", progress_line(step, r.total, s.loss, ips, eta).c_str());
+      if (step == r.total) std::fprintf(stderr, "\n");
+    } else if (step % std::max<int64_t>(1, spec.train.log_every) == 0 || step == r.total) {
+      spdlog::info("step {}/{}  loss {:.4f}  lr {:.3g}  grad_norm {:.3f}  {:.1f} img/s  ETA {:.0f}s", step, r.total,
+                   s.loss, s.lr, s.grad_norm, ips, eta);
+    }
+
+    if (spec.train.eval_every > 0 && step % spec.train.eval_every == 0 && step < r.total) {
+      if (tty) std::fprintf(stderr, "\n");
+      evaluate(r, step, metrics);
+    }
+    const bool exit_now = spec.train.exit_interval > 0 && step - first_step >= spec.train.exit_interval && step < r.total;
+    // Every rank must agree to stop, or one would wait in the next step's collectives.
+    const bool signalled = reduce(*mesh.world, stop_requested() ? 1.0 : 0.0, ReduceOp::Max) > 0;
+    const bool periodic = spec.output.checkpoint_every > 0 && step % spec.output.checkpoint_every == 0;
+    if (periodic || exit_now || signalled) save_checkpoint(spec, r.b, r.opt.get(), step, mesh);
+    if (exit_now || signalled) {
+      if (tty) std::fprintf(stderr, "\n");
+      spdlog::info("stopping at step {} ({}); resume with output.resume=auto", step,
+                   signalled ? "signal" : "train.exit_interval");
+      mesh.world->barrier();
+      return std::nan("");
+    }
+  }
+  mesh.world->barrier();
+  return finish_run(r, step, metrics, step_times, wait_fractions);
 }
 
 double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh) {
