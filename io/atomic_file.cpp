@@ -47,10 +47,14 @@ void write_atomically(const std::string& path, const std::function<void(std::FIL
     std::remove(tmp.c_str());
     throw sys_error("rename failed", path);
   }
-  int dir = ::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY);
-  if (dir >= 0) {  // make the rename itself durable; best effort on file systems without it
-    ::fsync(dir);
-    ::close(dir);
+  fsync_directory(parent_dir(path));  // make the rename itself durable
+}
+
+void fsync_directory(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
   }
 }
 

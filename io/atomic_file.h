@@ -12,6 +12,10 @@ namespace shardtune::io {
 // old `path` is untouched and a std::runtime_error names the path and the errno text.
 void write_atomically(const std::string& path, const std::function<void(std::FILE*)>& body);
 
+// fsyncs a directory, so that renames into it survive a crash; best effort on file systems
+// that cannot.
+void fsync_directory(const std::string& dir);
+
 // Convenience: the whole content at once.
 void write_text_atomically(const std::string& path, const std::string& content);
 

@@ -13,6 +13,7 @@
 #include "models/checkpoint.h"
 #include "models/vit.h"
 #include "tests/tiny.h"
+#include "trainer/checkpoint.h"
 
 using namespace shardtune;
 
@@ -243,4 +244,27 @@ TEST(Checkpoint, ReadTensorsLeaveNoMappedPagesResident) {
     EXPECT_EQ(b.numel(), 3);
   }
   std::remove(path.c_str());
+}
+
+// The output.dir lock: a second holder is refused with the directory and the first holder's
+// pid in the message (flock locks are per open file, so this holds inside one process too);
+// once the first lets go, the lock is free again.
+TEST(OutputDirLock, ASecondHolderIsRefusedNamingTheFirst) {
+  char tmpl[] = "/tmp/shardtune_lock_XXXXXX";
+  const std::string dir = ::mkdtemp(tmpl);
+  {
+    shardtune::OutputDirLock first(dir);
+    try {
+      shardtune::OutputDirLock second(dir);
+      FAIL() << "a second lock on " << dir << " was granted";
+    } catch (const std::runtime_error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("output.dir=" + dir + " is in use by another run (pid " + std::to_string(::getpid()) + " on "),
+                std::string::npos)
+          << what;
+    }
+  }
+  EXPECT_NO_THROW(shardtune::OutputDirLock again(dir));
+  std::remove((dir + "/.lock").c_str());
+  ::rmdir(dir.c_str());
 }

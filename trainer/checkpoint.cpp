@@ -91,14 +91,6 @@ void write_manifest(const fs::path& dir, int64_t step) {
   io::write_text_atomically((dir / kManifest).string(), m.dump(2) + "\n");
 }
 
-void fsync_dir(const fs::path& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
-
 // step_N directories under `root` (temporaries excluded), newest first.
 std::vector<std::pair<int64_t, fs::path>> step_dirs(const fs::path& root) {
   std::vector<std::pair<int64_t, fs::path>> out;
@@ -205,7 +197,7 @@ void save_checkpoint(const RunSpec& spec, const StageModel& b, torch::optim::Opt
     write_manifest(tmp, step);  // last: the checkpoint is complete once this is on disk
     fs::remove_all(final_dir);
     fs::rename(tmp, final_dir);
-    fsync_dir(root);
+    io::fsync_directory(root.string());
     if (std::string bad = verify_checkpoint(final_dir.string()); !bad.empty())
       throw std::runtime_error("the checkpoint just written does not verify: " + bad);
   } catch (const std::exception& e) {
