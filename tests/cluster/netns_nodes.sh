@@ -2,7 +2,8 @@
 # veth ends hang on one bridge, in a private /24 of 10.213.0.0/16 that no interface uses yet.
 # Names carry this shell's pid, so parallel runs do not collide.
 #   netns_nodes_start N     creates them; sets NODE_NS[i], NODE_ADDR[i] (i = 0..N-1), NODE_SUBNET,
-#                           NODE_BRIDGE_ADDR, NODE_MAP (file "ADDRESS NAMESPACE" for netns_rsh.sh);
+#                           NODE_BRIDGE_ADDR, NODE_MAP (file "ADDRESS NAMESPACE TMPDIR" for
+#                           netns_rsh.sh: each node has its own TMPDIR, as hosts have their /tmp);
 #                           at exit every process inside them is killed and they are deleted
 #   netns_kill_node I       SIGKILLs every process in node I; prints how many
 # Needs root and `ip netns`; skips (exit 77) without them.
@@ -36,7 +37,9 @@ netns_nodes_start() {
       ip -n "$ns" link set "${tag}v$i" up &&
       ip -n "$ns" link set lo up || return 1
     NODE_NS[i]=$ns NODE_ADDR[i]=$addr
-    echo "$addr $ns" >>"$NODE_MAP"
+    local tmp
+    tmp=$(mktemp -d "/tmp/$ns-tmp.XXXX") && on_exit "rm -rf $tmp"
+    echo "$addr $ns $tmp" >>"$NODE_MAP"
   done
   for ((i = 0; i < n; i++)); do  # each node reaches the bridge (mpirun's side); no ping needed
     for _ in $(seq 30); do netns_reaches "${NODE_NS[i]}" "$NODE_BRIDGE_ADDR" && break; sleep 0.2; done
