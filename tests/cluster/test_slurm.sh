@@ -84,9 +84,13 @@ fi
 t0=$(date +%s.%N)
 scontrol requeue "$j2" && pass "scontrol requeue $j2" || failed "scontrol requeue $j2"
 # Slurm holds a requeued job back (EligibleTime 121 s ahead) before it may start again; a
-# site would wait that out, the test moves it to now once the job is pending again.
+# site would wait that out. The test moves the start to now 2 s after the job is pending
+# again: a start in the second of the requeue fails ("Job credential revoked"), and a
+# StartTime in the future waits for the scheduler's next periodic pass (up to a minute),
+# whereas the update itself starts a pass.
 for _ in $(seq 100); do [[ $(job_field "$j2" JobState) == PENDING ]] && break; sleep 0.1; done
 echo "figure: requeued at $(date -d @"${t0%.*}" +%T), pending with Slurm's EligibleTime $(job_field "$j2" EligibleTime | cut -dT -f2)"
+sleep 2
 scontrol update JobId="$j2" StartTime=now || failed "scontrol update JobId=$j2 StartTime=now"
 check_state COMPLETED "$(wait_job "$j2" 240 1)" "requeued job" preempt
 grep -q "resumed from .*step_$stop at step $stop" "$work/preempt.out" && pass "requeued job resumed at step $stop" ||
