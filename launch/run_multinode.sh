@@ -41,13 +41,16 @@ fi
 extra=()
 [[ $(id -u) -eq 0 ]] && extra+=(--allow-run-as-root)
 read -ra user_args <<<"${MPIRUN_ARGS:-}"
+forward=()  # only the variables that are set: mpirun warns about each unset one
+for v in OMP_NUM_THREADS NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG LD_LIBRARY_PATH; do
+  if [[ -n ${!v+x} ]]; then forward+=(-x "$v"); fi
+done
 errlog=$(mktemp "${TMPDIR:-/tmp}/run_multinode.XXXXXX")
 trap 'rm -f "$errlog"' EXIT
 # mpirun in the background so that this script's signals reach it (TERM, INT, HUP; USR1 and
 # USR2, which mpirun forwards to the ranks); its stderr is shown and kept to name a lost node.
 mpirun "${extra[@]}" --hostfile "$hosts" -np "$n" --map-by "${SHARDTUNE_MAP_BY:-$map}" --bind-to none "${user_args[@]}" \
-  -x OMP_NUM_THREADS -x NCCL_SOCKET_IFNAME -x NCCL_IB_HCA -x NCCL_DEBUG -x LD_LIBRARY_PATH \
-  "${SHARDTUNE:-$here/build/shardtune}" train --config "$cfg" "$@" 2> >(tee "$errlog" >&2) &
+  "${forward[@]}" "${SHARDTUNE:-$here/build/shardtune}" train --config "$cfg" "$@" 2> >(tee "$errlog" >&2) &
 job=$!
 for sig in TERM INT HUP USR1 USR2; do trap "kill -$sig $job 2>/dev/null" "$sig"; done
 rc=0

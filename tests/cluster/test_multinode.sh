@@ -90,7 +90,7 @@ else
 fi
 left=$(ip netns pids "${NODE_NS[0]}" | wc -l)
 [[ $left -eq 0 ]] && pass "nothing left running on node 0" || failed "$left processes left on node 0"
-last=$(ls "$work/lost/checkpoints" 2>/dev/null | sed -n 's/^step_//p' | sort -n | tail -1)
+last=$(ls "$work/lost/checkpoints" 2>/dev/null | sed -n 's/^step_\([0-9]*\)$/\1/p' | sort -n | tail -1)
 [[ -n $last ]] && pass "last checkpoint step_$last" || failed "no checkpoint written before the loss"
 # The same command again resumes.
 expect 0 "resumed from .*step_$last at step $last.*done: eval top-1" -- "${run[@]}" "$cfg" --parallel.tp 2 --output.dir "$work/lost"
