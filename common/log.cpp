@@ -8,9 +8,12 @@
 namespace shardtune {
 
 namespace {
-int env_int(std::initializer_list<const char*> names, int fallback) {
+int env_int(std::initializer_list<const char*> names, int fallback, std::string* from = nullptr) {
   for (const char* n : names)
-    if (const char* v = std::getenv(n)) return std::atoi(v);
+    if (const char* v = std::getenv(n)) {
+      if (from) *from = n;
+      return std::atoi(v);
+    }
   return fallback;
 }
 }  // namespace
@@ -19,7 +22,7 @@ LaunchEnv launch_env_from_environment() {
   LaunchEnv e;
   e.rank = env_int({"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"}, 0);
   e.world_size = env_int({"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"}, 1);
-  e.local_rank = env_int({"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}, 0);
+  e.local_rank = env_int({"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}, 0, &e.local_rank_from);
   e.local_size = env_int({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}, 1);
   return e;
 }

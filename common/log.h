@@ -15,6 +15,7 @@ struct LaunchEnv {
   int world_size = 1;
   int local_rank = 0;
   int local_size = 1;  // ranks on this node
+  std::string local_rank_from;  // the variable local_rank was read from; empty when none was set
 };
 LaunchEnv launch_env_from_environment();
 

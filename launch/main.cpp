@@ -14,6 +14,7 @@
 #include "common/runtime.h"
 #include "common/signals.h"
 #include "distributed/mesh.h"
+#include "distributed/topology.h"
 #include "io/json.h"
 #include "launch/config.h"
 #include "launch/plan.h"
@@ -78,7 +79,9 @@ Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
   } catch (const std::invalid_argument& e) {
     throw UsageError(e.what());
   }
-  return make_mesh(dims);
+  Mesh mesh = make_mesh(dims);
+  log_topology(discover_topology(), dims);  // every rank's node and local rank; warns if a tp group spans nodes
+  return mesh;
 }
 
 MpiRuntime* g_mpi = nullptr;  // set by main for the commands that run under MPI
