@@ -26,8 +26,8 @@
 
 namespace shardtune {
 
-// Writes checkpoints/step_`step` (all ranks call it; world rank 0 writes), verifies it, then
-// deletes complete checkpoints older than the newest output.keep. On a failed write (a full
+// Writes checkpoints/step_`step` (all ranks call it; world rank 0 writes), reads every file
+// back into its manifest, then deletes complete checkpoints older than the newest output.keep. On a failed write (a full
 // disk, an I/O error) the partial directory is removed, the earlier checkpoints are left as
 // they were, and std::runtime_error names the file and the OS's message.
 void save_checkpoint(const RunSpec& spec, const StageModel& b, torch::optim::Optimizer* opt, int64_t step,
