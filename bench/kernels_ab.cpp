@@ -1,4 +1,4 @@
-// The bf16 kernels of models/cpu_kernels.cpp against the LibTorch ops they replace, on the
+// The bf16 kernels of ops/cpu_kernels.cpp against the LibTorch ops they replace, on the
 // ViT-B/16 step's shapes at batch 8 (issue 8): per op the median time of each (ms), their
 // ratio, and the largest difference between the two results (in bf16 ulps of the result's
 // magnitude, i.e. relative to max |reference|). Runs the pair alternately, `rounds` times.
@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "common/runtime.h"
-#include "models/cpu_kernels.h"
+#include "ops/cpu_kernels.h"
 
 using namespace shardtune;
 
@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
     }
   }
   configure_runtime();
-  if (!kernels::bf16_kernels()) {
+  if (!kernels::available()) {
     std::fprintf(stderr, "this CPU has no AVX-512 BF16: the kernels are off, nothing to compare\n");
     return 1;
   }

@@ -242,6 +242,9 @@ def main():
     ap.add_argument("--flush-denormal", action="store_true",
                     help="torch.set_flush_denormal(True) (FTZ/DAZ); the C++ binary does not set it")
     ap.add_argument("--verbose", action="store_true", help="per-step times and losses on stderr")
+    ap.add_argument("--inference", action="store_true",
+                    help="time the eval forward instead (model.eval(), torch.no_grad(), logits of --batch images "
+                         "per 'step'), as `shardtune eval` / `predict` run it")
     args = ap.parse_args()
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
@@ -254,7 +257,7 @@ def main():
     depth = args.depth or depth
     model = VisionTransformer(args.image_size, patch, 3, dim, depth, heads, mlp_dim, args.num_classes)
     params = add_lora(model, args.rank, args.alpha)
-    model.train()
+    model.train(not args.inference)
 
     bf16_cast = args.precision == "bf16" and args.bf16_style == "cast"
     use_autocast = args.precision == "bf16" and args.bf16_style == "autocast"
@@ -282,6 +285,12 @@ def main():
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
         if bf16_cast:
             x = x.to(torch.bfloat16)
+        if args.inference:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+                loss = F.cross_entropy(model(x).float(), y)
+            losses.append(loss.item())
+            times.append(time.perf_counter() - t0)
+            continue
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
             logits = model(x)
@@ -302,6 +311,7 @@ def main():
     st = statistics.median(timed)
     out = {
         "impl": "python_eager",
+        "mode": "inference" if args.inference else "train_step",
         "precision": args.precision,
         "bf16_style": args.bf16_style if args.precision == "bf16" else None,
         "arch": args.arch,

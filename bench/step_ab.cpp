@@ -1,9 +1,10 @@
 // In-process A/B of the frozen-backbone LoRA training step (issue 8): one ViT, one batch,
 // the step run under each variant in turn (A B C A B C ...), so slow phases of a shared
-// machine hit every variant alike. Variants switch ShardTune's process-wide GEMM path for
-// frozen weights:
-//   onednn   train.frozen_gemm onednn, the default (fp32: oneDNN inner-product kernels;
-//            bf16: one mm, the bias added in place, only the weight saved for backward)
+// machine hit every variant alike. Variants give the model other operators (ops/ops.h, set_ops):
+//   auto     train.frozen_gemm auto, the default: per GEMM shape the fastest exact kernel,
+//            measured at its first call (in round 0, untimed) or read from the cache
+//   onednn   train.frozen_gemm onednn (fp32: oneDNN inner-product kernels; bf16: one mm, the
+//            bias added in place, only the weight saved for backward)
 //   blas     train.frozen_gemm blas: torch::linear, as the Python twin calls it
 //   X-nokernels  X with the bf16 AVX-512 kernels (softmax, LayerNorm, bias add) off, i.e.
 //            train.bf16_kernels=false: LibTorch's own ops there
@@ -12,7 +13,10 @@
 //
 //   cmake --build build --target shardtune_step_ab
 //   OMP_NUM_THREADS=2 build/shardtune_step_ab [arch=vit_base_patch16_224] [precision=bf16]
-//                                             [batch=8] [rounds=8] [variants=onednn,blas]
+//                                             [batch=8] [rounds=8] [variants=auto,onednn,blas]
+//                                             [mode=step|infer]
+// mode=infer times the eval forward instead (model.eval(), no autograd, logits of `batch`
+// images), what `shardtune eval` and `predict` run; it prints images/s too.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -25,7 +29,6 @@
 #include <vector>
 
 #include "common/runtime.h"
-#include "models/cpu_kernels.h"
 #include "models/vit.h"
 #include "models/vit_config.h"
 #include "peft/method.h"
@@ -35,12 +38,13 @@ using namespace shardtune;
 
 int main(int argc, char** argv) {
   std::map<std::string, std::string> arg{{"arch", "vit_base_patch16_224"}, {"precision", "bf16"}, {"batch", "8"},
-                                         {"rounds", "8"}, {"variants", "onednn,blas"}};
+                                         {"rounds", "8"}, {"variants", "auto,onednn,blas"},
+                                         {"mode", "step"}};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto eq = a.find('=');
     if (eq == std::string::npos || !arg.count(a.substr(0, eq))) {
-      std::fprintf(stderr, "usage: %s [arch=A] [precision=fp32|bf16] [batch=B] [rounds=R] [variants=a,b]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [arch=A] [precision=fp32|bf16] [batch=B] [rounds=R] [variants=a,b] [mode=step|infer]\n", argv[0]);
       return 2;
     }
     arg[a.substr(0, eq)] = a.substr(eq + 1);
@@ -67,17 +71,31 @@ int main(int argc, char** argv) {
   if (bf16) images = images.to(torch::kBFloat16);
   torch::Tensor labels = torch::randint(0, 10, {batch});
 
-  auto apply = [](const std::string& v) {
+  std::map<std::string, std::shared_ptr<const ops::Ops>> ops_of;
+  for (const auto& v : variants) {
     const std::string suffix = "-nokernels";
     const bool off = v.size() > suffix.size() && v.compare(v.size() - suffix.size(), suffix.size(), suffix) == 0;
-    set_frozen_gemm(parse_frozen_gemm(off ? v.substr(0, v.size() - suffix.size()) : v));
-    kernels::set_bf16_kernels(!off);
-  };
+    ops::CpuOptions o;
+    o.frozen_gemm = ops::parse_frozen_gemm(off ? v.substr(0, v.size() - suffix.size()) : v);
+    o.bf16_kernels = !off;
+    ops_of[v] = ops::make_cpu_ops(o);
+  }
+  auto apply = [&](const std::string& v) { set_ops(*model, ops_of.at(v)); };
+  const bool infer = arg["mode"] == "infer";
+  if (infer) model->eval();
   std::map<std::string, std::vector<double>> ms;
   for (int64_t r = 0; r <= rounds; ++r) {  // round 0 warms every variant up, untimed
     for (const auto& v : variants) {
       apply(v);
       auto t0 = std::chrono::steady_clock::now();
+      if (infer) {
+        torch::NoGradGuard no_grad;
+        torch::Tensor logits = model->forward(images);
+        const double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (r > 0) ms[v].push_back(dt);
+        if (!std::isfinite(logits.to(torch::kFloat).sum().item<double>())) return 1;
+        continue;
+      }
       opt.zero_grad();
       torch::Tensor l = torch::cross_entropy_loss(model->forward(images).to(torch::kFloat), labels);
       l.backward();
@@ -92,11 +110,20 @@ int main(int argc, char** argv) {
   }
   std::printf("# %s %s batch %lld, %lld rounds, %d threads\n", arg["arch"].c_str(), arg["precision"].c_str(),
               static_cast<long long>(batch), static_cast<long long>(rounds), torch::get_num_threads());
-  std::printf("| variant | best step | median step |\n|---|---|---|\n");
+  std::printf("# mode %s\n| variant | best | median | images/s (median) |\n|---|---|---|---|\n", arg["mode"].c_str());
   for (const auto& v : variants) {
     auto t = ms[v];
     std::sort(t.begin(), t.end());
-    std::printf("| %s | %.1f ms | %.1f ms |\n", v.c_str(), t.front(), t[t.size() / 2]);
+    std::printf("| %s | %.1f ms | %.1f ms | %.1f |\n", v.c_str(), t.front(), t[t.size() / 2],
+                1e3 * static_cast<double>(batch) / t[t.size() / 2]);
+  }
+  for (const auto& v : variants) {
+    const auto report = ops_of.at(v)->report();
+    if (report.contains("choices")) {
+      std::printf("\n%s: kernel choices (measured in %.2f s)\n", v.c_str(), report.value("tuning_s", 0.0));
+      for (const auto& [key, c] : report["choices"].items())
+        std::printf("  %-48s %s\n", key.c_str(), c["pick"].get<std::string>().c_str());
+    }
   }
   return 0;
 }

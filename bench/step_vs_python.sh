@@ -10,8 +10,8 @@
 #   bench/step_vs_python.sh [options]
 #     --bin PATH          C++ binary (default build/shardtune)
 #     --cpp-ranks N       run the C++ step as N data-parallel ranks of THREADS/N threads (mpiexec)
-#     --frozen-gemm G     C++ --train.frozen_gemm: onednn (default, as shardtune) | blas (LibTorch's
-#                         BLAS, the kernels the Python twin's nn.Linear calls)
+#     --frozen-gemm G     C++ --train.frozen_gemm: auto (default, as shardtune: measured per shape)
+#                         | onednn | blas (LibTorch's BLAS, the kernels the Python twin's nn.Linear calls)
 #     --python PATH       interpreter with Debian's python3-torch (default /usr/bin/python3)
 #     --steps N           steps per run, first one excluded from the median (default 6)
 #     --rounds R          A B rounds per precision (default 2)
@@ -32,7 +32,7 @@ set -euo pipefail
 
 BIN=build/shardtune
 CPP_RANKS=1
-FROZEN_GEMM=onednn
+FROZEN_GEMM=auto
 PY=/usr/bin/python3
 STEPS=6
 ROUNDS=2
@@ -132,7 +132,9 @@ EOF
 # MFU: model FLOPs per step from `shardtune plan` (2 x forward for a frozen backbone,
 # REFERENCE.md) against the best of 8 4096 x 4096 matmuls through the same LibTorch (libtorch_cpu.so.1.13,
 # which python3-torch loads too), same threads, measured now, in this run: for fp32 the faster of
-# BLAS (torch.mm) and oneDNN's inner-product kernel, for bf16 torch.mm (oneDNN already).
+# BLAS (torch.mm) and oneDNN's inner-product kernel; for bf16 the faster of torch.mm on bf16
+# (oneDNN's bf16 GEMM where the CPU has AVX-512 BF16, LibTorch's reference loop elsewhere) and
+# the same product widened to fp32 (exact too: what frozen_gemm=auto may pick, ops/cpu_ops.cpp).
 FLOPS=$("$BIN" plan --model.arch "$ARCH" ${DEPTH:+--model.depth "$DEPTH"} --model.num_classes 10 --peft.method lora \
   --world-size 1 --parallel.tp 1 --parallel.pp 1 --data.batch_size "$BATCH" 2>/dev/null |
   sed -n 's/.*model FLOPs \/ step *\([0-9.]*\) TFLOP.*/\1/p')
@@ -149,13 +151,25 @@ def best_of_8(f):  # the peak: the best of 8 (a busy core only slows a run)
 out = {}
 for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    if dt == torch.bfloat16:
+        # Without AVX-512 BF16 a 4096^2 bf16 mm takes ~100 s: a 1024^2 probe first, and the big
+        # one only where bf16 is not far behind fp32.
+        m = 1024
+        t0 = time.perf_counter(); torch.mm(a[:m, :m], b[:m, :m]); probe = 2 * m ** 3 / (time.perf_counter() - t0) / 1e9
+        if probe < 0.25 * out["fp32"]:
+            out["bf16_native"] = probe
+            out[name] = out["fp32"]  # a bf16 product through the fp32 GEMM, as auto picks there
+            continue
     out[name] = best_of_8(lambda: torch.mm(a, b))
     if dt == torch.float32 and torch.backends.mkldnn.is_available():
-        # The oneDNN kernel ShardTune's frozen fp32 GEMMs use (models/vit.cpp): the peak is
+        # The oneDNN kernel ShardTune's frozen fp32 GEMMs may use (ops/cpu_ops.cpp): the peak is
         # the faster of the two, so MFU is never measured against the slower kernel.
         onednn = best_of_8(lambda: torch.ops.aten.mkldnn_linear_backward_input([n, n], a.to_mkldnn(), b).to_dense())
         out["fp32_blas"], out["fp32_onednn"] = out[name], onednn
         out[name] = max(out[name], onednn)
+    if dt == torch.bfloat16:
+        out["bf16_native"] = out[name]
+        out[name] = max(out[name], out["fp32"])  # a bf16 product through the fp32 GEMM
 print(json.dumps(out))
 EOF
 echo "# matmul peak (GFLOP/s, 4096^2, best of 8): $(cat "$OUT/matmul.json"); model FLOPs/step: $FLOPS TFLOP" >&2

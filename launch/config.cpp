@@ -61,8 +61,9 @@ po::options_description config_key_options() {
     ("train.grad_clip", po::value<double>(), "clip the global gradient norm (0: off)")
     ("train.label_smoothing", po::value<double>(), "cross-entropy label smoothing")
     ("train.precision", po::value<std::string>(), "fp32 | bf16 (frozen weights stored in bf16, trainable ones fp32)")
-    ("train.frozen_gemm", po::value<std::string>(), "GEMMs of frozen weights on CPU: onednn (default; bf16: one mm, bias in place) | blas (torch::linear)")
-    ("train.bf16_kernels", po::value<bool>(), "bf16 softmax, LayerNorm, GELU, bias and residual adds by ShardTune's AVX-512 kernels where the CPU has AVX-512 BF16 (default true; false: LibTorch's ops)")
+    ("train.frozen_gemm", po::value<std::string>(), "GEMM kernels on CPU: auto (default: the fastest exact kernel per shape, measured at its first call and cached per host) | onednn (fp32: oneDNN's inner product; bf16: one mm) | blas (torch::linear)")
+    ("train.bf16_kernels", po::value<bool>(), "bf16 softmax, LayerNorm, GELU, bias and residual adds by ShardTune's AVX-512 kernels where the CPU has AVX-512 BF16 (default true; under auto each timed against LibTorch's op; false: LibTorch's ops)")
+    ("train.kernel_cache", po::value<std::string>(), "directory of train.frozen_gemm=auto's measurements (default $XDG_CACHE_HOME/shardtune or ~/.cache/shardtune; - : none, measure every run)")
     ("train.eval_every", po::value<int64_t>(), "evaluate every N steps (0: at the end only)")
     ("train.log_every", po::value<int64_t>(), "log every N steps")
     ("train.exit_interval", po::value<int64_t>(), "stop after N steps of this run, with a checkpoint")
@@ -176,6 +177,11 @@ RunConfig run_config_from(const po::variables_map& vm) {
   set_i("train.log_every", rc.train.log_every);
   set_i("train.exit_interval", rc.train.exit_interval);
   set_i("train.profile_step", rc.train.profile_step);
+  str("train.frozen_gemm", rc.train.frozen_gemm);
+  if (rc.train.frozen_gemm != "auto" && rc.train.frozen_gemm != "onednn" && rc.train.frozen_gemm != "blas")
+    throw UsageError("train.frozen_gemm=" + rc.train.frozen_gemm + " must be auto, onednn or blas");
+  if (has("train.bf16_kernels")) rc.train.bf16_kernels = vm["train.bf16_kernels"].as<bool>();
+  str("train.kernel_cache", rc.train.kernel_cache);
   str("output.dir", rc.output.dir);
   set_i("output.checkpoint_every", rc.output.checkpoint_every);
   set_i("output.keep", rc.output.keep);

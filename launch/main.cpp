@@ -19,7 +19,6 @@
 #include "launch/config.h"
 #include "launch/plan.h"
 #include "models/checkpoint.h"
-#include "models/cpu_kernels.h"
 #include "models/vit.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
@@ -61,7 +60,7 @@ std::string required(const po::variables_map& vm, const char* key) {
 
 VisionTransformer build_model(const RunConfig& rc) {
   torch::manual_seed(rc.seed);
-  return VisionTransformer(rc.model);
+  return VisionTransformer(rc.model, StagePart::whole(rc.model), /*init=*/true, ops_for(rc.train));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -95,6 +94,7 @@ StageModel load_on_mesh(const RunConfig& rc, const std::string& adapter_dir, con
   spec.checkpoint = rc.checkpoint;
   spec.seed = rc.seed;
   spec.peft.method = "none";
+  spec.ops = ops_for(rc.train);  // the kernels training chooses, for inference too
   if (!adapter_dir.empty()) {  // check the cheap file first
     *adapter = read_adapter_config(adapter_dir);
     check_adapter_fits(*adapter, rc.model, adapter_dir);
@@ -363,8 +363,6 @@ int main(int argc, char** argv) {
     }
     init_logging(mpi ? mpi->rank() : env.rank, vm["log-level"].as<std::string>());
     configure_runtime(env.local_size);
-    if (vm.count("train.frozen_gemm")) set_frozen_gemm(parse_frozen_gemm(vm["train.frozen_gemm"].as<std::string>()));
-    if (vm.count("train.bf16_kernels")) kernels::set_bf16_kernels(vm["train.bf16_kernels"].as<bool>());
     return cmd->run(vm);
   } catch (const UsageError& e) {
     code = 2, message = e.what();

@@ -2,7 +2,9 @@
 // (patch_embed.proj, cls_token, pos_embed, blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
 // mlp.fc1,mlp.fc2,ls1.gamma,ls2.gamma}, norm, fc_norm, head), so a timm state_dict loads
 // unchanged. It knows nothing of parallelism or PEFT: both replace its Linear layers
-// afterwards through slots (see Op and Slot).
+// afterwards through slots (see Op and Slot). How each operator runs (which GEMM kernel, which
+// bf16 kernels, which device's ops) is the `ops::Ops` object handed to the model at construction
+// and passed to every layer it builds (ops/ops.h); this file holds the model alone.
 #pragma once
 
 #include <torch/torch.h>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "models/vit_config.h"
+#include "ops/ops.h"
 
 namespace shardtune {
 
@@ -41,30 +44,6 @@ struct Op : torch::nn::Module {
   virtual torch::Tensor output_param(const torch::Tensor& p) const { return p; }
 };
 
-// --- Frozen GEMMs ------------------------------------------------------------------------
-// How a DenseLinear whose weight is frozen (requires_grad false) runs its GEMMs on CPU.
-// Blas: torch::linear (LibTorch's BLAS for fp32, OpenBLAS here; oneDNN for bf16), as a
-// Python nn.Linear does. OneDnn, fp32: oneDNN's inner-product kernels inside LibTorch (the
-// forward and the input gradient both as mkldnn_linear_backward_input, which reads the
-// weight in plain layout), 1.0-1.9x BLAS's GEMM rate on this project's CPU machine
-// (bench/kernels.py); bf16: one mm (oneDNN's bf16 GEMM) with the bias added in place, 3-6%
-// off the ViT-B step (bench/step_ab.cpp). Either way no weight gradient is ever computed
-// and nothing is cached (the fp32 forward transposes the weight per call); trainable
-// weights, other dtypes and devices and tiny GEMMs always take torch::linear.
-enum class FrozenGemm { Blas, OneDnn };
-// Below this many multiply-adds a GEMM stays on torch::linear: the per-call layout
-// conversions would cost more than the faster kernel saves.
-constexpr int64_t kOneDnnMinMacs = int64_t{1} << 20;
-// Process-wide; default OneDnn where LibTorch has it. `min_macs` (tests: 0) as above.
-void set_frozen_gemm(FrozenGemm path, int64_t min_macs = kOneDnnMinMacs);
-FrozenGemm frozen_gemm();
-// "blas" | "onednn" (the value of train.frozen_gemm); invalid_argument naming it otherwise.
-FrozenGemm parse_frozen_gemm(const std::string& name);
-// The inverse: "blas" | "onednn".
-std::string frozen_gemm_name(FrozenGemm path);
-// y = x W^T + b under the process-wide path: the layers' single GEMM entry point.
-torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b);
-
 // y = x W^T + b: weight [out, in], optional bias [out].
 //
 // Tensor parallelism (set by sharding::parallelize, none by default) keeps the full bias
@@ -74,7 +53,8 @@ torch::Tensor frozen_aware_linear(const torch::Tensor& x, const torch::Tensor& w
 // adding a term to the output adds it between local and leave, i.e. before the sum.
 struct DenseLinear : Op {
   enum class Split { None, Rows, Cols };
-  DenseLinear(int64_t in_features, int64_t out_features, bool with_bias);
+  DenseLinear(int64_t in_features, int64_t out_features, bool with_bias,
+              std::shared_ptr<const ops::Ops> ops = ops::default_ops());
   torch::Tensor forward(const torch::Tensor& x) override { return leave(local(enter(x))); }
   torch::Tensor output_param(const torch::Tensor& p) const override;
 
@@ -98,18 +78,20 @@ struct DenseLinear : Op {
   Split split = Split::None;
   torch::Tensor shard_index;  // int64: full rows (Rows) or columns (Cols) held, ascending
   std::shared_ptr<TensorParallel> tp;
+  std::shared_ptr<const ops::Ops> ops;
 };
 
 // LayerNorm over the last dim, eps 1e-6 (timm's ViT): weight [D], bias [D]. Inside a
 // tensor-parallel region (qk_norm under tp) `tp` is set and its parameters enter through f.
 struct LayerNormOp : Op {
-  explicit LayerNormOp(int64_t width);
+  explicit LayerNormOp(int64_t width, std::shared_ptr<const ops::Ops> ops = ops::default_ops());
   torch::Tensor forward(const torch::Tensor& x) override;
   torch::Tensor output_param(const torch::Tensor& p) const override { return tp ? tp->enter(p) : p; }
 
   int64_t width;
   torch::Tensor weight, bias;
   std::shared_ptr<TensorParallel> tp;
+  std::shared_ptr<const ops::Ops> ops;
 };
 
 // Extends attention keys and values (prefix tuning): k, v [B, H, N, hd] -> [B, H, L+N, hd].
@@ -122,7 +104,7 @@ struct KVExtension : torch::nn::Module {
 // -> softmax(q k^T * head_dim^-0.5) v -> proj. With `queries` > 0 only the first `queries`
 // tokens attend (over all N keys and values): output [B, queries, D].
 struct AttentionImpl : torch::nn::Module {
-  explicit AttentionImpl(const ViTConfig& c);
+  AttentionImpl(const ViTConfig& c, std::shared_ptr<const ops::Ops> ops);
   torch::Tensor forward(const torch::Tensor& x, int64_t queries = 0);
 
   // This rank's heads, from head `first_head` (tensor parallelism: heads / tp of them).
@@ -138,16 +120,18 @@ struct AttentionImpl : torch::nn::Module {
   std::shared_ptr<Op> qkv, proj;
   std::shared_ptr<Op> q_norm, k_norm;  // only with qk_norm
   std::shared_ptr<KVExtension> kv_extension;  // optional, e.g. prefix tuning
+  std::shared_ptr<const ops::Ops> ops;
 };
 TORCH_MODULE(Attention);
 
 // --- MLP ----------------------------------------------------------------------------
 // fc1 [M, D] -> exact (erf) GELU -> fc2 [D, M].
 struct MlpImpl : torch::nn::Module {
-  explicit MlpImpl(const ViTConfig& c);
+  MlpImpl(const ViTConfig& c, std::shared_ptr<const ops::Ops> ops);
   torch::Tensor forward(const torch::Tensor& x);
 
   std::shared_ptr<Op> fc1, fc2;
+  std::shared_ptr<const ops::Ops> ops;
 };
 TORCH_MODULE(Mlp);
 
@@ -158,7 +142,7 @@ TORCH_MODULE(Mlp);
 // `out_tokens` tokens are computed past attention's keys and values (everything after
 // attention acts per token): the model's last block when only the cls token is read.
 struct BlockImpl : torch::nn::Module {
-  explicit BlockImpl(const ViTConfig& c);
+  BlockImpl(const ViTConfig& c, std::shared_ptr<const ops::Ops> ops);
   torch::Tensor forward(const torch::Tensor& x, int64_t out_tokens = 0);
 
   std::shared_ptr<Op> norm1, norm2;
@@ -167,17 +151,19 @@ struct BlockImpl : torch::nn::Module {
   torch::Tensor ls1_gamma, ls2_gamma;  // [D], registered as ls1.gamma / ls2.gamma with layer_scale
   std::shared_ptr<Op> pre;       // tokens -> tokens before the block
   std::shared_ptr<Op> mlp_side;  // a branch beside the MLP, fed the block's residual stream
+  std::shared_ptr<const ops::Ops> ops;
 };
 TORCH_MODULE(Block);
 
 // --- Patch embedding ---------------------------------------------------------------------
 // A conv with kernel = stride = patch: [B, C, H, W] -> [B, D, H/P, W/P] -> tokens [B, N, D].
 struct PatchEmbedImpl : torch::nn::Module {
-  explicit PatchEmbedImpl(const ViTConfig& c);
+  PatchEmbedImpl(const ViTConfig& c, std::shared_ptr<const ops::Ops> ops);
   torch::Tensor forward(const torch::Tensor& images);
 
   int64_t patch;
   torch::nn::Conv2d proj{nullptr};
+  std::shared_ptr<const ops::Ops> ops;
 };
 TORCH_MODULE(PatchEmbed);
 
@@ -195,7 +181,8 @@ struct StagePart {
 struct VisionTransformerImpl : torch::nn::Module {
   // `init` false leaves the weights uninitialised (untouched memory) for a checkpoint to fill.
   explicit VisionTransformerImpl(const ViTConfig& c) : VisionTransformerImpl(c, StagePart::whole(c)) {}
-  VisionTransformerImpl(const ViTConfig& c, const StagePart& part, bool init = true);
+  VisionTransformerImpl(const ViTConfig& c, const StagePart& part, bool init = true,
+                        std::shared_ptr<const ops::Ops> ops = ops::default_ops());
 
   // images [B, C, H, W] (or, without the embedding, tokens [B, T, D]) -> logits
   // [B, num_classes] (pooled features [B, D] when num_classes = 0; tokens without the head).
@@ -214,6 +201,7 @@ struct VisionTransformerImpl : torch::nn::Module {
 
   ViTConfig config;
   StagePart part;
+  std::shared_ptr<const ops::Ops> ops;          // how every layer runs (ops/ops.h)
   PatchEmbed patch_embed{nullptr};              // first stage only, as cls_token and pos_embed
   torch::Tensor cls_token;                      // [1, 1, D]
   torch::Tensor pos_embed;                      // [1, N+1, D]
@@ -244,6 +232,11 @@ struct Slot {
   Op& get() const { return **member; }
   void replace(std::shared_ptr<Op> op) const;
 };
+
+// Gives every layer of `model` (PEFT's included) the operators `ops`: for A/B comparisons of
+// operator choices on one set of weights (bench/step_ab.cpp, tests). A run's model gets its
+// ops at construction.
+void set_ops(torch::nn::Module& model, const std::shared_ptr<const ops::Ops>& ops);
 
 // Every Linear (patch embedding excluded) and LayerNorm of the model, in forward order.
 std::vector<Slot> slots(VisionTransformerImpl& model);

@@ -10,7 +10,7 @@ packages=(
   g++ make cmake zlib1g-dev
   libtorch-dev libopenblas0-openmp          # LibTorch 1.13 (CPU) on OpenBLAS, not the reference BLAS
   libopenmpi-dev openmpi-bin
-  libboost-program-options-dev libspdlog-dev libgtest-dev
+  libboost-program-options-dev libspdlog-dev libgtest-dev nlohmann-json3-dev
   dataset-fashion-mnist
 )
 

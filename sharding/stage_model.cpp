@@ -30,7 +30,7 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh) {
   const StagePart part = StagePart::of(spec.model, mesh.pp_rank(), mesh.dims.pp);
   const bool from_checkpoint = !spec.checkpoint.empty();
   torch::manual_seed(spec.seed);
-  out.model = VisionTransformer(spec.model, part, /*init=*/!from_checkpoint);
+  out.model = VisionTransformer(spec.model, part, /*init=*/!from_checkpoint, spec.ops);
   if (mesh.dims.tp > 1) out.shards = parallelize(*out.model, make_tensor_parallel(mesh.tp), /*keep_values=*/!from_checkpoint);
   const bool bf16 = spec.precision == "bf16";
   if (from_checkpoint && bf16) {  // load straight into bf16: the fp32 tensors are never materialised

@@ -23,6 +23,7 @@ struct ModelSpec {
   std::string adapter_dir;  // trained PEFT weights to load, if any
   uint64_t seed = 0;
   std::string precision = "fp32";  // bf16: frozen weights stored in bf16
+  std::shared_ptr<const ops::Ops> ops = ops::default_ops();  // how the layers run (ops/ops.h)
 };
 
 struct StageModel {

@@ -11,21 +11,15 @@
 #include <string>
 #include <vector>
 
-#include "models/cpu_kernels.h"
+#include "ops/cpu_kernels.h"
 #include "peft/method.h"
 #include "tiny.h"
 
 namespace shardtune {
 namespace {
 
-// Turns the kernels on or off for one scope.
-struct KernelsScope {
-  explicit KernelsScope(bool on) { kernels::set_bf16_kernels(on); }
-  ~KernelsScope() { kernels::set_bf16_kernels(true); }
-};
-
 #define SKIP_WITHOUT_AVX512_BF16()                                                       \
-  if (!kernels::bf16_kernels()) GTEST_SKIP() << "this CPU has no AVX-512 BF16: kernels off"
+  if (!kernels::available()) GTEST_SKIP() << "this CPU has no AVX-512 BF16: kernels off"
 
 const auto bf = torch::kBFloat16;
 const auto f64 = torch::kDouble;
@@ -40,19 +34,13 @@ void expect_close(const torch::Tensor& got, const torch::Tensor& want, double to
                                           << " (max |want| " << w.abs().max().item<double>() << ")";
 }
 
-TEST(Kernels, EligibleOnlyForContiguousBf16WithKernelsOn) {
+TEST(Kernels, EligibleOnlyForContiguousBf16) {
   SKIP_WITHOUT_AVX512_BF16();
   torch::Tensor t = torch::randn({4, 6}).to(bf);
   EXPECT_TRUE(kernels::eligible(t));
   EXPECT_FALSE(kernels::eligible(t.t()));
   EXPECT_FALSE(kernels::eligible(t.to(torch::kFloat)));
   EXPECT_FALSE(kernels::eligible(torch::Tensor()));
-  {
-    KernelsScope off(false);
-    EXPECT_FALSE(kernels::bf16_kernels());
-    EXPECT_FALSE(kernels::eligible(t));
-  }
-  EXPECT_TRUE(kernels::eligible(t));
   EXPECT_THROW(kernels::softmax_lastdim(t.t()), c10::Error);
   EXPECT_THROW(kernels::softmax_lastdim(t, 0.0), c10::Error);
   EXPECT_THROW(kernels::layer_norm(t, torch::ones({5}), torch::zeros({6}), 1e-6), c10::Error);
@@ -194,7 +182,6 @@ bool graph_has(const torch::Tensor& t, const std::string& name) {
 // scores in fp32, LibTorch's path to q in bf16).
 TEST(Kernels, ViTBf16StepIsAsAccurateAsLibTorchOps) {
   SKIP_WITHOUT_AVX512_BF16();
-  FrozenGemmScope gemm(FrozenGemm::OneDnn, 0);  // the in-place bias path on tiny GEMMs too
   std::vector<std::pair<ViTConfig, std::string>> cases;
   for (const ViTConfig& c : tiny_variants()) cases.emplace_back(c, "lora");
   for (std::string method : {"bitfit", "ln_tune", "ssf"}) cases.emplace_back(tiny_config(), method);
@@ -202,13 +189,14 @@ TEST(Kernels, ViTBf16StepIsAsAccurateAsLibTorchOps) {
   for (const auto& [c, method] : cases) {
     SCOPED_TRACE(describe(c) + " " + method);
     auto run = [&, c = c, method = method](Mode mode) {
-      KernelsScope scope(mode == Mode::KernelsOn);
       torch::manual_seed(4);
       VisionTransformer model(c);
       randomize_for_test(*model);
       PeftConfig p;
       p.method = method;
       PeftState state = apply_peft(*model, p);
+      // oneDNN down to the tiny GEMMs (the in-place bias path), kernels on or off
+      set_ops(*model, cpu_ops(FrozenGemm::OneDnn, 0, mode == Mode::KernelsOn));
       {
         torch::NoGradGuard no_grad;
         for (auto& [name, t] : state.trainable) t.normal_(0, 0.3);  // LoRA's B starts at zero
@@ -253,9 +241,8 @@ TEST(Kernels, ViTBf16StepIsAsAccurateAsLibTorchOps) {
 TEST(Kernels, LayerNormOpTrainsItsWeightThroughTheKernel) {
   SKIP_WITHOUT_AVX512_BF16();
   auto run = [](bool on) {
-    KernelsScope scope(on);
     torch::manual_seed(6);
-    LayerNormOp ln(24);
+    LayerNormOp ln(24, cpu_ops(FrozenGemm::OneDnn, ops::kMinTunedMacs, on));
     ln.weight.data().uniform_(0.5, 1.5);
     ln.bias.data().normal_();
     torch::Tensor x = torch::randn({4, 7, 24}).to(bf).requires_grad_(true);

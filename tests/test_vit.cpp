@@ -305,14 +305,15 @@ TEST(ViT, NoHeadReturnsPooledFeatures) {
 
 // --- Frozen GEMMs through oneDNN ---------------------------------------------------------
 
-TEST(FrozenGemm, ParsesTheTwoPathsAndNamesABadOne) {
-  EXPECT_EQ(parse_frozen_gemm("blas"), FrozenGemm::Blas);
-  EXPECT_EQ(parse_frozen_gemm("onednn"), FrozenGemm::OneDnn);
+TEST(FrozenGemm, ParsesTheThreeSettingsAndNamesABadOne) {
+  EXPECT_EQ(ops::parse_frozen_gemm("auto"), FrozenGemm::Auto);
+  EXPECT_EQ(ops::parse_frozen_gemm("blas"), FrozenGemm::Blas);
+  EXPECT_EQ(ops::parse_frozen_gemm("onednn"), FrozenGemm::OneDnn);
   try {
-    parse_frozen_gemm("mkl");
+    ops::parse_frozen_gemm("mkl");
     FAIL() << "no exception";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("train.frozen_gemm=mkl must be onednn or blas"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.frozen_gemm=mkl must be auto, onednn or blas"), std::string::npos) << e.what();
   }
 }
 
@@ -347,10 +348,9 @@ TEST(FrozenGemm, FastPathsMatchTorchLinearInValueAndGradients) {
     for (bool contiguous : {true, false}) {
       torch::Tensor base = (contiguous ? torch::randn({4, 70, 160}) : torch::randn({4, 160, 70}).transpose(1, 2)).to(dtype);
       auto run = [&](FrozenGemm path, torch::ScalarType t) {
-        FrozenGemmScope scope(path);
         torch::Tensor x = base.detach().to(t).clone().requires_grad_(true);
         torch::Tensor b = b0.to(t).clone().requires_grad_(true);  // a trainable bias (BitFit)
-        torch::Tensor y = frozen_aware_linear(x, w.to(t), b);
+        torch::Tensor y = cpu_ops(path)->linear(x, w.to(t), b);
         if (t == dtype) EXPECT_EQ(gemm_node_is(y, "FrozenMatmul"), path == FrozenGemm::OneDnn) << y.grad_fn()->name();
         y.narrow(-1, 10, 20).mul_(2.0);  // callers add into the output in place (LoRA on q/v)
         (y * torch::linspace(-1, 1, 96).to(t)).sum().backward();
@@ -375,14 +375,14 @@ TEST(FrozenGemm, FastPathsMatchTorchLinearInValueAndGradients) {
 }
 
 TEST(FrozenGemm, TrainableWeightsAndTinyGemmsKeepTorchLinear) {
-  FrozenGemmScope scope(FrozenGemm::OneDnn);
+  const auto onednn = cpu_ops(FrozenGemm::OneDnn);
   for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
     torch::Tensor x = torch::randn({64, 128}).to(dtype).requires_grad_(true);
     torch::Tensor w = torch::randn({128, 128}).to(dtype).requires_grad_(true);
-    torch::Tensor y = frozen_aware_linear(x, w, torch::Tensor());
+    torch::Tensor y = onednn->linear(x, w, torch::Tensor());
     EXPECT_EQ(y.grad_fn()->name().find("FrozenMatmul"), std::string::npos) << y.grad_fn()->name();
     torch::Tensor small =
-        frozen_aware_linear(torch::randn({2, 8}).to(dtype).requires_grad_(true), torch::randn({4, 8}).to(dtype), {});
+        onednn->linear(torch::randn({2, 8}).to(dtype).requires_grad_(true), torch::randn({4, 8}).to(dtype), {});
     EXPECT_EQ(small.grad_fn()->name().find("FrozenMatmul"), std::string::npos) << small.grad_fn()->name();
   }
 }
@@ -400,7 +400,7 @@ TEST(FrozenGemm, FrozenViTForwardAndBackwardAgreeOnBothPaths) {
   const torch::Tensor images = torch::randn({4, 1, 56, 56});
   std::map<FrozenGemm, std::pair<torch::Tensor, torch::Tensor>> got;
   for (FrozenGemm path : {FrozenGemm::Blas, FrozenGemm::OneDnn}) {
-    FrozenGemmScope scope(path);
+    set_ops(*model, cpu_ops(path));
     torch::Tensor x = images.clone().requires_grad_(true);  // the gradient crosses every layer
     torch::Tensor logits = model->forward(x);
     logits.pow(2).sum().backward();
@@ -452,7 +452,7 @@ TEST(ViT, AttentionSplitMatchesPlainAutograd) {
   for (const ViTConfig& c : tiny_variants()) {
     for (int64_t queries : {0, 1, 3}) {
       torch::manual_seed(21);
-      Attention attn(c);
+      Attention attn(c, ops::default_ops());
       randomize_for_test(*attn);
       attn->to(torch::kDouble);
       const int64_t B = 3, N = 7, D = c.dim, H = c.heads, hd = D / H;
@@ -506,11 +506,10 @@ TEST(ViT, PatchEmbedGemmEqualsTheStridedConvolution) {
   for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
     for (FrozenGemm path : {FrozenGemm::OneDnn, FrozenGemm::Blas}) {
       for (bool trainable : {false, true}) {
-        SCOPED_TRACE(std::string(dtype == torch::kFloat ? "fp32 " : "bf16 ") + frozen_gemm_name(path) +
+        SCOPED_TRACE(std::string(dtype == torch::kFloat ? "fp32 " : "bf16 ") + ops::frozen_gemm_name(path) +
                      (trainable ? " trainable" : " frozen"));
-        FrozenGemmScope scope(path, 0);
         torch::manual_seed(8);
-        PatchEmbed pe(c);
+        PatchEmbed pe(c, cpu_ops(path, 0));
         pe->proj->weight.requires_grad_(trainable);
         pe->proj->bias.requires_grad_(trainable);
         torch::Tensor images = torch::randn({2, 3, 30, 29}).to(dtype).requires_grad_(true);  // 4x4 patches of 7

@@ -65,14 +65,19 @@ inline void randomize_for_test(torch::nn::Module& m) {
   }
 }
 
-// Sets the process-wide frozen-GEMM path (and size floor) for a scope, then restores it.
-struct FrozenGemmScope {
-  explicit FrozenGemmScope(FrozenGemm p, int64_t min_macs = kOneDnnMinMacs) : saved(frozen_gemm()) {
-    set_frozen_gemm(p, min_macs);
-  }
-  ~FrozenGemmScope() { set_frozen_gemm(saved); }
-  FrozenGemm saved;
-};
+using ops::FrozenGemm;
+
+// CPU operators with one fixed frozen-GEMM path (nothing measured, no cache), taken down to
+// GEMMs of `min_macs` multiply-adds (0: all), the AVX-512 kernels on or off.
+inline std::shared_ptr<const ops::Ops> cpu_ops(FrozenGemm path, int64_t min_macs = ops::kMinTunedMacs,
+                                               bool kernels = true) {
+  ops::CpuOptions o;
+  o.frozen_gemm = path;
+  o.min_macs = min_macs;
+  o.bf16_kernels = kernels;
+  o.cache_dir = "-";
+  return ops::make_cpu_ops(o);
+}
 
 // ||a - b|| / ||b||
 inline double rel_err(const torch::Tensor& a, const torch::Tensor& b) {

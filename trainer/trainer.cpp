@@ -20,8 +20,8 @@
 #include "io/atomic_file.h"
 #include "io/json.h"
 #include "models/checkpoint.h"
-#include "models/cpu_kernels.h"
 #include "models/vit.h"
+#include "ops/ops.h"
 #include "peft/adapter_io.h"
 #include "peft/method.h"
 #include "sharding/stage_model.h"
@@ -63,6 +63,18 @@ torch::ScalarType compute_dtype(const RunSpec& spec) {
   return spec.train.precision == "bf16" ? torch::kBFloat16 : torch::kFloat32;
 }
 
+}  // namespace
+
+std::shared_ptr<const ops::Ops> ops_for(const TrainConfig& train) {
+  ops::CpuOptions o;
+  o.frozen_gemm = ops::parse_frozen_gemm(train.frozen_gemm);
+  o.bf16_kernels = train.bf16_kernels;
+  o.cache_dir = train.kernel_cache;
+  return ops::make_cpu_ops(o);
+}
+
+namespace {
+
 StageModel build(const RunSpec& spec, const Mesh& mesh, const std::string& adapter_dir = "") {
   ModelSpec m;
   m.model = spec.model;
@@ -72,6 +84,7 @@ StageModel build(const RunSpec& spec, const Mesh& mesh, const std::string& adapt
   m.adapter_dir = adapter_dir;
   m.seed = spec.train.seed;
   m.precision = spec.train.precision;
+  m.ops = ops_for(spec.train);
   return build_stage_model(m, mesh);
 }
 
@@ -329,8 +342,12 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     mj.set("schedule", spec.schedule);
     summary.set("mesh", mj);
     summary.set("precision", spec.train.precision);
-    summary.set("frozen_gemm", frozen_gemm_name(frozen_gemm()));
-    summary.set("bf16_kernels", kernels::bf16_kernels());
+    {
+      const nlohmann::json kernels = r.b.model->ops->report();  // what ops/ chose, and the measured times
+      summary.set("frozen_gemm", kernels.value("frozen_gemm", ""));
+      summary.set("bf16_kernels", kernels.value("bf16_kernels", false));
+      summary.set("kernels", json::parse(kernels.dump()));
+    }
     summary.set("method", spec.peft.method);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
   }
@@ -372,6 +389,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     // The profiled step runs slower (the profiler's own cost): left out of the median.
     if (step > first_step + 1 && !profile) step_times.push_back(secs);
     profile.reset();  // writes the trace
+    if (step == first_step + 1) r.b.model->ops->log_choices();  // the step's kernels are all chosen now
 
     const double ips = static_cast<double>(spec.data.batch_size) / secs;
     json::Value line;

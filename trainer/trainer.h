@@ -8,6 +8,7 @@
 // gathers the adapter and writes the outputs.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "distributed/mesh.h"
@@ -16,6 +17,10 @@
 #include "trainer/data.h"
 
 namespace shardtune {
+
+namespace ops {
+class Ops;
+}
 
 struct TrainConfig {
   int64_t steps = 100;          // total optimizer steps (ignored when epochs > 0)
@@ -33,6 +38,9 @@ struct TrainConfig {
   int64_t exit_interval = 0;    // > 0: stop after this many steps of this run, with a checkpoint
   int64_t profile_step = 0;     // > 0: record LibTorch's op profile of this step (1-based) to
                                 // output.dir/profile_step_N_rankR.json (chrome://tracing)
+  std::string frozen_gemm = "auto";  // auto | blas | onednn (ops/ops.h)
+  bool bf16_kernels = true;          // ShardTune's AVX-512 bf16 kernels where the CPU has them
+  std::string kernel_cache;          // where auto keeps its measurements; "" default, "-" none
 };
 
 struct OutputConfig {
@@ -54,6 +62,9 @@ struct RunSpec {
   int64_t microbatches = 1;  // the local batch runs as this many chunks, gradients accumulated
   std::string schedule = "1f1b";  // pipeline schedule: gpipe | 1f1b
 };
+
+// The operators a model of this run uses (ops/ops.h): CpuOps with the run's kernel choices.
+std::shared_ptr<const ops::Ops> ops_for(const TrainConfig& train);
 
 // Trains on `mesh` (all ranks call it). Returns the final eval top-1.
 double train(const RunSpec& spec, const Mesh& mesh);

@@ -1,6 +1,8 @@
 # Shared by the CLI test scripts: `expect CODE REGEX -- command...` runs the command and
 # checks its exit code and that its output (lines joined) matches REGEX; pass/failed count.
 fails=0
+# train.frozen_gemm=auto's measurements: one cache per test script, inside its work folder.
+export XDG_CACHE_HOME="${work:-${TMPDIR:-/tmp}}/xdg_cache"
 pass() { echo "ok: $*"; }
 failed() { echo "FAIL: $*"; fails=$((fails + 1)); }
 

@@ -40,6 +40,30 @@ expect 0 "resumed from .*step_3 at step 3.*done" -- "$st" train --config "$cfg" 
 cmp -s "$work/a/adapter/adapter_model.safetensors" "$work/b/adapter/adapter_model.safetensors" \
   && pass "resumed adapter is bit-for-bit the uninterrupted one" || failed "resumed adapter differs"
 
+# train.frozen_gemm=auto (the default) on GEMMs big enough to be measured (dim 64, 32 images of
+# 17 tokens): the first run measures and records its choices, later runs read them from the
+# cache (so a resumed run takes the same kernels and is bit-for-bit the uninterrupted one).
+big=(--model.dim 64 --model.mlp_dim 256 --data.batch_size 32)
+expect 0 "kernel choices: [1-9][0-9]* measured in .* 0 from the cache .*done: eval top-1" -- "$st" train --config "$cfg" --output.dir "$work/ka" "${big[@]}" --train.steps 4
+/usr/bin/python3 - "$work/ka/summary.json" <<'EOF' && pass "summary records auto's kernel choices" || failed "summary lacks the kernel choices"
+import json, sys
+k = json.load(open(sys.argv[1]))["kernels"]
+assert k["frozen_gemm"] == "auto" and k["tuning_s"] > 0, k
+picks = {c["pick"] for c in k["choices"].values()}
+assert k["choices"] and picks <= {"blas", "onednn", "fp32", "bf16", "avx512", "torch"}, k
+assert any(" fwd " in key for key in k["choices"]) and any(" bwd " in key for key in k["choices"]), k
+EOF
+expect 0 "kernel choices: 0 measured in 0.00 s, [1-9][0-9]* from the cache.*stopping at step 2" -- "$st" train --config "$cfg" --output.dir "$work/kb" "${big[@]}" --train.steps 4 --train.exit_interval 2
+expect 0 "resumed from .*step_2 at step 2.*done" -- "$st" train --config "$cfg" --output.dir "$work/kb" "${big[@]}" --train.steps 4
+cmp -s "$work/ka/adapter/adapter_model.safetensors" "$work/kb/adapter/adapter_model.safetensors" \
+  && pass "auto: resumed adapter is bit-for-bit the uninterrupted one" || failed "auto: resumed adapter differs"
+# A corrupt kernel cache: a warning naming it, measured again, rewritten whole.
+for f in "$XDG_CACHE_HOME"/shardtune/kernels-*.json; do printf '{"format_version": 1, "ho' >"$f"; done
+expect 0 "ignoring the kernel-choice cache .*kernels-.*json.*kernel choices: [1-9][0-9]* measured.*done" -- "$st" train --config "$cfg" --output.dir "$work/kc" "${big[@]}" --train.steps 1
+expect 0 "kernel choices: 0 measured in 0.00 s" -- "$st" train --config "$cfg" --output.dir "$work/kc2" "${big[@]}" --train.steps 1
+expect 0 "kernel choices: [1-9][0-9]* measured.*\\(none\\)" -- "$st" train --config "$cfg" --output.dir "$work/kc3" "${big[@]}" --train.steps 1 --train.kernel_cache -
+expect 2 "train.frozen_gemm=mkl must be auto, onednn or blas" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.frozen_gemm mkl
+
 # dp=2: the same samples, the same adapter (up to float reassociation).
 expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/c"
 expect 0 "<= 0.001" -- "$kit" compare "$work/c/adapter/adapter_model.safetensors" "$work/a/adapter/adapter_model.safetensors" "*" 1e-3
@@ -96,7 +120,6 @@ expect 1 "wide.safetensors does not fit the model: .*shape mismatch for pos_embe
 expect 2 "peft.method=loha is not a known method" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/g" --peft.method loha
 expect 2 "model.heads=4 is not divisible by parallel.tp=3" -- "$mpiexec" --oversubscribe -n 3 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 3
 expect 2 "model.mlp_dim=66 is not divisible by parallel.tp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.tp 4 --model.mlp_dim 66
-expect 2 "train.frozen_gemm=mkl must be onednn or blas" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.frozen_gemm mkl
 expect 2 "the argument \('maybe'\) for option '--train.bf16_kernels' is invalid" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.bf16_kernels maybe
 expect 2 "train.profile_step=-1 must be 0" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.profile_step -1
 expect 2 "model.depth=2 is less than parallel.pp=4" -- "$mpiexec" --oversubscribe -n 4 "$st" train --config "$cfg" --output.dir "$work/g" --parallel.pp 4

@@ -118,8 +118,10 @@ torch::Tensor loss_weights() {
 // Loss = sum(logits * w) over the whole batch; each dp rank runs its share in
 // `microbatches` micro-batches through the schedule; gradients summed over dp.
 Result run(const std::string& method, const Mesh& mesh, const std::string& schedule, int microbatches,
-           bool from_checkpoint = true) {
-  StageModel m = build_stage_model(spec_for(method, from_checkpoint), mesh);
+           bool from_checkpoint = true, std::shared_ptr<const ops::Ops> operators = ops::default_ops()) {
+  ModelSpec spec = spec_for(method, from_checkpoint);
+  spec.ops = std::move(operators);
+  StageModel m = build_stage_model(spec, mesh);
   perturb(m);
   const int64_t share = kBatch / mesh.dims.dp, first = share * mesh.dp_rank();
   auto x = images().narrow(0, first, share).chunk(microbatches);
@@ -217,13 +219,11 @@ TEST(Sharding, OneDnnFrozenGemmsOnEveryMeshMatchOneProcessOnBlas) {
   if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
   Mesh self = self_mesh();
   for (const std::string method : {"lora", "bitfit", "adapter", "prefix"}) {
-    set_frozen_gemm(FrozenGemm::Blas);
-    const Result ref = run(method, self, "1f1b", 1);
-    set_frozen_gemm(FrozenGemm::OneDnn, /*min_macs=*/0);
+    const Result ref = run(method, self, "1f1b", 1, true, cpu_ops(FrozenGemm::Blas));
     for (auto [tp, pp] : meshes()) {
       Mesh mesh = make_mesh(ParallelDims::make(world_size(), tp, pp));
       const std::string what = method + " (oneDNN) on " + mesh.dims.str();
-      const Result got = run(method, mesh, "1f1b", 2);
+      const Result got = run(method, mesh, "1f1b", 2, true, cpu_ops(FrozenGemm::OneDnn, /*min_macs=*/0));
       for (const auto& [name, g] : got.grads) EXPECT_LT(max_rel_err(g, ref.grads.at(name)), 1e-5) << what << ": " << name;
       if (got.logits.defined()) {
         const int64_t share = kBatch / mesh.dims.dp;
@@ -231,7 +231,6 @@ TEST(Sharding, OneDnnFrozenGemmsOnEveryMeshMatchOneProcessOnBlas) {
       }
     }
   }
-  set_frozen_gemm(FrozenGemm::OneDnn);  // the default again
 }
 
 TEST(Sharding, GpipeAndOneFOneBGiveIdenticalGradients) {

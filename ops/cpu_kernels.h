@@ -4,8 +4,8 @@
 // conversions): softmax, LayerNorm, GELU, the bias and residual adds, each in one pass over bf16 memory with
 // fp32 arithmetic. LibTorch 1.13's own bf16 kernels for these widen, compute and narrow in
 // separate generic loops (LayerNorm even in separate casts); on the ViT-B step they cost ~10%
-// (docs/BENCHMARKS.md). Callers check `bf16_kernels()` and use LibTorch's op otherwise, so the
-// results are the same function either way (to bf16 rounding), on any CPU.
+// (docs/BENCHMARKS.md). ops::CpuOps calls them where `eligible` and its options allow, and
+// LibTorch's op otherwise, so the results are the same function either way (to bf16 rounding).
 
 #include <ATen/core/Tensor.h>
 
@@ -14,12 +14,9 @@
 
 namespace shardtune::kernels {
 
-// True when this CPU has AVX-512 BF16 and the kernels are switched on (the default).
-bool bf16_kernels();
-// Switches them off (LibTorch's ops everywhere) or back on; on a CPU without AVX-512 BF16 they
-// stay off. For A/B runs and the tests that compare both paths.
-void set_bf16_kernels(bool on);
-// Whether `t` may go through these kernels: bf16, CPU, contiguous, and the kernels on.
+// True when this CPU has AVX-512 F, BW, VL and BF16: the kernels can run.
+bool available();
+// Whether `t` may go through these kernels: bf16, CPU, contiguous, on such a CPU.
 bool eligible(const at::Tensor& t);
 
 // y = softmax(scale * x) over the last dimension of a contiguous bf16 tensor (scale > 0: the

@@ -1,4 +1,4 @@
-#include "models/cpu_kernels.h"
+#include "ops/cpu_kernels.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -17,7 +17,7 @@
 // LibTorch's headers, so without it every kernel here would run on one thread.
 //
 // Only the functions marked ST_AVX512 use AVX-512; they run after the CPU check in
-// bf16_kernels(), and the rest of the file is plain x86-64.
+// available(), and the rest of the file is plain x86-64.
 #define ST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // GCC 12's AVX-512 headers pass an `_mm512_undefined_*()` operand to their builtins, which its
@@ -28,13 +28,6 @@ namespace shardtune::kernels {
 
 namespace {
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
-std::atomic<bool> g_enabled{true};
 
 // --- AVX-512 building blocks: 16 lanes of fp32, read from and written to bf16 -------------
 
@@ -306,7 +299,7 @@ constexpr int64_t kGrainElements = 32768;
 int64_t grain(int64_t width) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1)); }
 
 void check_input(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(eligible(t), "shardtune::kernels: ", what, " must be a contiguous bf16 CPU tensor with the kernels on, got ",
+  TORCH_CHECK(eligible(t), "shardtune::kernels: ", what, " must be a contiguous bf16 CPU tensor on a CPU with AVX-512 BF16, got ",
               t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
 }
 
@@ -334,11 +327,14 @@ at::Tensor fp32_vector(const at::Tensor& v, int64_t n, const char* what) {
 
 }  // namespace
 
-bool bf16_kernels() { return g_enabled && cpu_has_avx512_bf16(); }
-void set_bf16_kernels(bool on) { g_enabled = on; }
+bool available() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
 
 bool eligible(const at::Tensor& t) {
-  return bf16_kernels() && t.defined() && t.scalar_type() == at::kBFloat16 && t.device().is_cpu() &&
+  return available() && t.defined() && t.scalar_type() == at::kBFloat16 && t.device().is_cpu() &&
          t.is_contiguous() && t.dim() >= 1;
 }
 
