@@ -183,6 +183,7 @@ std::string Tuner::choose(const std::string& key, const std::vector<Candidate>& 
   std::exception_ptr first_error;
   for (const auto& c : candidates) {
     try {
+      c.run(true);  // untimed: a kernel's first call pays its set-up (oneDNN builds a primitive: ~40 ms)
       probed.emplace_back(&c, seconds_of([&] { c.run(true); }));
     } catch (const std::exception& e) {
       spdlog::debug("kernel candidate {} for {} failed: {}", c.name, key, e.what());

@@ -56,7 +56,7 @@ void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms
 
 // Two candidates, one 10x slower; counts the full (not probe) calls of each.
 struct Counted {
-  int fast_calls = 0, slow_calls = 0, slow_probes = 0;
+  int fast_calls = 0, slow_calls = 0, slow_probes = 0;  // probes: two per candidate (warm, timed)
   std::vector<Tuner::Candidate> candidates(int slow_ms = 20) {
     return {{"slow",
              [this, slow_ms](bool probe) {
