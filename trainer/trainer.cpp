@@ -14,8 +14,10 @@
 #include <cstring>
 #include <fstream>
 
+#include "common/device.h"
 #include "common/log.h"
 #include "common/signals.h"
+#include "common/torch_device.h"
 #include "distributed/grad_sync.h"
 #include "io/atomic_file.h"
 #include "io/json.h"
@@ -63,6 +65,36 @@ torch::ScalarType compute_dtype(const RunSpec& spec) {
   return spec.train.precision == "bf16" ? torch::kBFloat16 : torch::kFloat32;
 }
 
+// --- the device ----------------------------------------------------------------------------
+
+torch::Device torch_device_of(const DeviceChoice& d) {
+  return d.cuda() ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d.index)) : torch::Device(torch::kCPU);
+}
+
+// `t` on the mesh's device: on the CPU `t` itself, so the CPU path is unchanged.
+torch::Tensor on_device(const torch::Tensor& t, const Mesh& mesh) {
+  return mesh.device.cuda() ? t.to(torch_device_of(mesh.device)) : t;
+}
+
+// The step's operators for the device. The CPU-only ones (oneDNN frozen GEMMs, AVX-512 bf16
+// kernels) never run on a GPU: there the step takes LibTorch's own ops (torch::linear, its
+// softmax, LayerNorm, GELU), the options train.frozen_gemm=blas and train.bf16_kernels=false
+// give. The one place to rewire when the operators move to ops/ (issue 17).
+void select_operators_for_device(const DeviceChoice& device) {
+  if (!device.cuda()) return;  // the CPU keeps what train.frozen_gemm / train.bf16_kernels chose
+  set_frozen_gemm(FrozenGemm::Blas);
+  kernels::set_bf16_kernels(false);
+}
+
+// The built stage (frozen weights, PEFT parameters, buffers) on the mesh's device, before the
+// optimizer and the gradient buckets are made from its parameters. Module::to moves each
+// tensor in place (set_data), so the PEFT state's handles follow.
+void place_model(StageModel& b, const Mesh& mesh) {
+  if (!mesh.device.cuda()) return;
+  b.model->to(torch_device_of(mesh.device));
+  torch_device::reset_peak(mesh.device.index);  // the peak from here on: the run's
+}
+
 StageModel build(const RunSpec& spec, const Mesh& mesh, const std::string& adapter_dir = "") {
   ModelSpec m;
   m.model = spec.model;
@@ -88,9 +120,10 @@ double top1(StageModel& b, const Dataset& ds, const RunSpec& spec, const Mesh& m
   auto forward = [&](const torch::Tensor& x) { return b.model->forward(x); };
   for (int64_t i = begin; i < end; i += 256) {
     torch::Tensor idx = torch::arange(i, std::min(end, i + 256), torch::kInt64);
-    torch::Tensor images = b.role.first() ? preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)) : torch::Tensor();
+    torch::Tensor images =
+        b.role.first() ? on_device(preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)), mesh) : torch::Tensor();
     torch::Tensor logits = pipeline_forward(images, b.role, forward, mesh.pp.get());
-    if (b.role.last()) correct += logits.argmax(1).eq(ds.labels.index_select(0, idx)).sum().item<double>();
+    if (b.role.last()) correct += logits.argmax(1).cpu().eq(ds.labels.index_select(0, idx)).sum().item<double>();
   }
   b.model->train(was_training);
   return reduce(*mesh.dp, reduce(*mesh.pp, correct, ReduceOp::Sum), ReduceOp::Sum) / static_cast<double>(n);
@@ -190,6 +223,7 @@ void set_up(Run& r) {
   r.mesh.world->barrier();
   r.data = load_splits(spec.data, spec.model);
   r.b = build(spec, r.mesh);
+  place_model(r.b, r.mesh);
   for (const auto& [_, t] : r.b.peft.trainable) r.params.push_back(t);
   if (!r.params.empty())
     r.opt = std::make_unique<torch::optim::AdamW>(r.params, torch::optim::AdamWOptions(spec.train.lr)
@@ -235,7 +269,8 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
   const Mesh& mesh = r.mesh;
   const int64_t m = r.microbatches;
   if (r.opt) r.opt->zero_grad();
-  auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
+  auto images = on_device(batch.images.to(compute_dtype(spec)), mesh).chunk(m);
+  auto labels = on_device(batch.labels, mesh).chunk(m);
   double local_loss = 0;
   StageHooks hooks;
   hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
@@ -287,6 +322,27 @@ void evaluate(Run& r, int64_t step, Metrics& metrics) {
   spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
 }
 
+// summary.json's GPU figures (rank 0): the device, its peak memory (LibTorch's caching
+// allocator, max over ranks) and MFU as torchtitan reports it: the model FLOPs of a step
+// (forward per image x batch x 3 for full fine-tuning, x 2 with a frozen backbone: no weight
+// gradients) over the step time and every rank's dense bf16 peak (bf16_peak_flops; null for
+// a GPU missing from its table).
+void add_device_figures(json::Value& summary, const Run& r, double step_time_s, double peak_device_bytes) {
+  const RunSpec& spec = r.spec;
+  const std::string name = torch_device::name(r.mesh.device.index);
+  summary.set("device", r.mesh.device.str());
+  summary.set("device_name", name);
+  summary.set("backend", backend_name(r.mesh.backend));
+  summary.set("peak_device_memory_mb", peak_device_bytes / 1e6);
+  const double flops = spec.model.forward_flops_per_image() * static_cast<double>(spec.data.batch_size) *
+                       (spec.peft.method == "full" ? 3.0 : 2.0);
+  summary.set("model_tflops_per_step", flops / 1e12);
+  const auto peak = bf16_peak_flops(name);
+  summary.set("bf16_peak_tflops", peak ? json::Value(*peak / 1e12) : json::Value(nullptr));
+  const bool known = peak && step_time_s > 0;
+  summary.set("mfu", known ? json::Value(flops / step_time_s / (*peak * r.mesh.dims.world)) : json::Value(nullptr));
+}
+
 // The final evaluation, adapter and summary.json (all ranks call it; rank 0 writes).
 double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<double>& step_times,
                   const std::vector<double>& wait_fractions) {
@@ -297,6 +353,9 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
   const double rss = reduce(*mesh.world, peak_rss_mb(), ReduceOp::Max);
   const double wait_fraction = reduce(*mesh.world, median(wait_fractions), ReduceOp::Max);
   const double loaded_bytes = reduce(*mesh.world, static_cast<double>(r.b.checkpoint_bytes), ReduceOp::Max);
+  const double peak_device_bytes = reduce(
+      *mesh.world, mesh.device.cuda() ? static_cast<double>(torch_device::peak_allocated_bytes(mesh.device.index)) : 0.0,
+      ReduceOp::Max);
   auto adapter = gather_trainable(r.b, mesh);
   if (r.rank0) {
     json::Value ev;
@@ -332,6 +391,7 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     summary.set("frozen_gemm", frozen_gemm_name(frozen_gemm()));
     summary.set("bf16_kernels", kernels::bf16_kernels());
     summary.set("method", spec.peft.method);
+    if (mesh.device.cuda()) add_device_figures(summary, r, st, peak_device_bytes);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
   }
   spdlog::info("done: eval top-1 {:.4f} on {} test images; outputs in {}", test_top1, r.data.test.size(), spec.output.dir);
@@ -351,6 +411,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   if (spec.peft.method == "full" && mesh.dims.tp > 1)
     throw std::invalid_argument("peft.method=full with parallel.tp=" + std::to_string(mesh.dims.tp) +
                                 ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
+  select_operators_for_device(mesh.device);
   Run r(spec, mesh);
   set_up(r);
   int64_t step = resume(r);
@@ -412,12 +473,14 @@ double train(const RunSpec& spec, const Mesh& mesh) {
 }
 
 double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh) {
+  select_operators_for_device(mesh.device);
   AdapterConfig a = read_adapter_config(adapter_dir);
   check_adapter_fits(a, spec.model, adapter_dir);
   RunSpec s = spec;
   s.peft = a.peft;
   Splits data = load_splits(s.data, s.model);
   StageModel b = build(s, mesh, adapter_dir);
+  place_model(b, mesh);
   const double acc = top1(b, data.test, s, mesh);
   if (mesh.rank == 0) {
     fs::create_directories(s.output.dir);
