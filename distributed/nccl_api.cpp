@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
@@ -21,13 +22,13 @@ void CudaApi::check(cudaError_t r, const std::string& what) const {
 }
 
 std::vector<std::string> nccl_library_names() {
-  std::vector<std::string> names;
-  if (const char* p = std::getenv("SHARDTUNE_NCCL_LIBRARY"); p && *p) names.emplace_back(p);
-  names.emplace_back("libnccl.so.2");
-  return names;
+  if (const char* p = std::getenv("SHARDTUNE_NCCL_LIBRARY"); p && *p) return {p};  // the user's choice, alone
+  return {"libnccl.so.2"};
 }
 
-std::vector<std::string> cudart_library_names() { return {"libcudart.so.12", "libcudart.so.11.0", "libcudart.so"}; }
+std::vector<std::string> cudart_library_names() {
+  return {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"};
+}
 
 namespace {
 
@@ -44,9 +45,16 @@ bool bind(void* lib, const char* symbol, F& fn, std::string* missing) {
 }
 
 // Tries each name; `resolve(lib, api, &missing)` binds the table. Libraries that load but
-// lack a symbol are closed again.
+// lack a symbol are closed again. A name already loaded in the process (CUDA LibTorch's own
+// libcudart / libnccl) wins over the order of the list: one runtime, not two.
 template <typename Api, typename Resolve>
-std::unique_ptr<Api> load_first(const std::vector<std::string>& names, Resolve resolve, std::string* error) {
+std::unique_ptr<Api> load_first(std::vector<std::string> names, Resolve resolve, std::string* error) {
+  for (size_t i = 0; i < names.size(); ++i)
+    if (void* lib = dlopen(names[i].c_str(), RTLD_NOW | RTLD_NOLOAD)) {
+      dlclose(lib);  // drops the reference NOLOAD took; the loop below opens it again
+      std::rotate(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(i), names.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      break;
+    }
   std::string why;
   for (const auto& name : names) {
     dlerror();

@@ -81,10 +81,10 @@ struct CudaApi {
   void check(cudaError_t r, const std::string& what) const;
 };
 
-// The names tried in order: $SHARDTUNE_NCCL_LIBRARY if set, then libnccl.so.2 (the soname
-// CUDA LibTorch links, found on LD_LIBRARY_PATH and the loader's paths).
+// The names tried: $SHARDTUNE_NCCL_LIBRARY alone if set, else libnccl.so.2 (the soname CUDA
+// LibTorch links, found on LD_LIBRARY_PATH and the loader's paths).
 std::vector<std::string> nccl_library_names();
-// libcudart.so.12, libcudart.so.11.0, libcudart.so.
+// libcudart.so.13, .so.12, .so.11.0, libcudart.so (one already loaded goes first).
 std::vector<std::string> cudart_library_names();
 
 // Opens the first of `names` that loads and resolves every symbol of the table. On failure

@@ -141,7 +141,7 @@ def grep(log, pattern):
         return None
 tf = grep(report["steps"]["matmul"]["log"], r"bf16_matmul_tflops ([0-9.]+)")
 report["bf16_matmul_8192_tflops"] = float(tf) if tf else None
-report["gpu"] = grep(report["steps"]["probe"]["log"], r"GPU 0: ([^\n(]+)")
+report["gpu"] = (grep(report["steps"]["probe"]["log"], r"GPU 0: ([^\n(]+)") or "").strip() or None
 keys = ["device_name", "backend", "precision", "step_time_s", "images_per_sec", "mfu", "bf16_peak_tflops",
         "model_tflops_per_step", "peak_device_memory_mb", "peak_rss_mb", "trainable_params", "total_params", "steps"]
 for run in ("vit_b16", "vit_g14"):

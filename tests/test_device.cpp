@@ -188,10 +188,11 @@ TEST(NcclLoader, SymbolMissing) {
 
 TEST(NcclLoader, DefaultNames) {
   setenv("SHARDTUNE_NCCL_LIBRARY", "/opt/x/libnccl.so.2", 1);
-  EXPECT_EQ(nccl_library_names(), (std::vector<std::string>{"/opt/x/libnccl.so.2", "libnccl.so.2"}));
+  EXPECT_EQ(nccl_library_names(), std::vector<std::string>{"/opt/x/libnccl.so.2"});  // alone: the user's choice
   unsetenv("SHARDTUNE_NCCL_LIBRARY");
   EXPECT_EQ(nccl_library_names(), std::vector<std::string>{"libnccl.so.2"});
-  EXPECT_EQ(cudart_library_names().front(), "libcudart.so.12");
+  EXPECT_EQ(cudart_library_names(),
+            (std::vector<std::string>{"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"}));
 }
 
 // --- NCCL's ABI ------------------------------------------------------------------------------
@@ -217,4 +218,22 @@ TEST(NcclAbi, ValuesOfNcclH) {
   EXPECT_TRUE(div);
   EXPECT_EQ(nccl_op(ReduceOp::Avg, torch::kFloat32, 20903, &div), 0);  // no ncclAvg before 2.10
   EXPECT_TRUE(div);
+}
+
+// Where a real NCCL is installed (some CPU machines carry one with a CUDA toolkit), the table
+// binds against it and the ABI's facts hold: every symbol, ncclResult_t's meanings, a 128-byte
+// unique id made without a GPU.
+TEST(NcclAbi, TheRealLibraryWhereInstalled) {
+  std::string error;
+  auto api = load_nccl({"libnccl.so.2"}, &error);
+  if (!api) GTEST_SKIP() << "no libnccl.so.2 on this machine: " << error;
+  EXPECT_GE(api->version, 21000) << api->path;
+  EXPECT_STREQ(api->GetErrorString(0), "no error");
+  EXPECT_NE(std::string(api->GetErrorString(4)).find("invalid argument"), std::string::npos);
+  EXPECT_NE(std::string(api->GetErrorString(5)).find("invalid usage"), std::string::npos);
+  ncclUniqueId id{};
+  ASSERT_EQ(api->GetUniqueId(&id), 0);
+  int nonzero = 0;
+  for (char c : id.internal) nonzero += c != 0;
+  EXPECT_GT(nonzero, 0);
 }

@@ -102,7 +102,9 @@ TEST(NcclBootstrap, UniqueIdFailureEndsEveryRank) {
     EXPECT_NE(m.find("world group (NCCL 21903, " FAKE_NCCL "): ncclGetUniqueId failed on the group's rank 0"),
               std::string::npos)
         << m;
-    if (rank == 0) EXPECT_NE(m.find("fake NCCL error"), std::string::npos) << m;  // ncclGetErrorString's text
+    if (rank == 0) {  // ncclGetErrorString's text
+      EXPECT_NE(m.find("fake NCCL error"), std::string::npos) << m;
+    }
   }
 }
 
