@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 
+#include "common/device.h"
 #include "distributed/parallel_dims.h"
 #include "distributed/process_group.h"
 
@@ -34,6 +35,8 @@ struct Mesh {
   ParallelDims dims;
   int rank = 0;  // in the world
   std::shared_ptr<ProcessGroup> world, dp, tp, pp;
+  DeviceChoice device;             // where this rank's tensors live (distributed/placement.h)
+  Backend backend = Backend::Mpi;  // what the groups above run on
   int dp_rank() const { return dims.dp_rank(rank); }
   int tp_rank() const { return dims.tp_rank(rank); }
   int pp_rank() const { return dims.pp_rank(rank); }
@@ -41,6 +44,8 @@ struct Mesh {
 
 // Splits MPI_COMM_WORLD into the dp, tp and pp groups of `dims` (MPI_Comm_split, key =
 // world rank so group ranks follow the mesh order). All ranks of the world call it.
-Mesh make_mesh(const ParallelDims& dims);
+// With Backend::Nccl every group is an NcclProcessGroup on `device` (CPU tensors still take
+// the group's MPI communicator); the groups are made in the same order on every rank.
+Mesh make_mesh(const ParallelDims& dims, Backend backend = Backend::Mpi, DeviceChoice device = {});
 
 }  // namespace shardtune

@@ -76,7 +76,9 @@ po::options_description config_key_options() {
     ("parallel.pp", po::value<int>(), "pipeline stages")
     ("parallel.microbatches", po::value<int64_t>(), "micro-batches per step")
     ("parallel.schedule", po::value<std::string>(), "pipeline schedule: gpipe | 1f1b")
-    ("parallel.bucket_mb", po::value<double>(), "gradient-sync bucket size, MB");
+    ("parallel.bucket_mb", po::value<double>(), "gradient-sync bucket size, MB")
+    ("parallel.device", po::value<std::string>(), "auto (cuda when LibTorch has CUDA and a GPU is visible) | cpu | cuda; one GPU per rank")
+    ("parallel.backend", po::value<std::string>(), "collectives: auto (nccl on cuda, mpi on cpu) | mpi | nccl (libnccl.so.2, loaded at run time)");
   // clang-format on
   return d;
 }
@@ -193,6 +195,12 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (rc.parallel.schedule != "gpipe" && rc.parallel.schedule != "1f1b")
     throw UsageError("parallel.schedule=" + rc.parallel.schedule + " must be gpipe or 1f1b");
   set_d("parallel.bucket_mb", rc.parallel.bucket_mb);
+  str("parallel.device", rc.parallel.device);
+  str("parallel.backend", rc.parallel.backend);
+  if (rc.parallel.device != "auto" && rc.parallel.device != "cpu" && rc.parallel.device != "cuda")
+    throw UsageError("parallel.device=" + rc.parallel.device + " is not one of auto, cpu, cuda");
+  if (rc.parallel.backend != "auto" && rc.parallel.backend != "mpi" && rc.parallel.backend != "nccl")
+    throw UsageError("parallel.backend=" + rc.parallel.backend + " is not one of auto, mpi, nccl");
   rc.train.seed = rc.seed;
   if (rc.train.steps <= 0 && rc.train.epochs <= 0)
     throw UsageError("train.steps=" + std::to_string(rc.train.steps) + " must be positive (or set train.epochs)");

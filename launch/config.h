@@ -27,6 +27,8 @@ struct ParallelConfig {
   int64_t microbatches = 1;
   std::string schedule = "1f1b";  // gpipe | 1f1b
   double bucket_mb = 25.0;     // gradient-sync bucket size
+  std::string device = "auto";   // auto | cpu | cuda (common/device.h has the rules)
+  std::string backend = "auto";  // auto | mpi | nccl
 };
 
 struct RunConfig {

@@ -14,6 +14,7 @@
 #include "common/runtime.h"
 #include "common/signals.h"
 #include "distributed/mesh.h"
+#include "distributed/placement.h"
 #include "distributed/topology.h"
 #include "io/json.h"
 #include "launch/config.h"
@@ -60,12 +61,13 @@ std::string required(const po::variables_map& vm, const char* key) {
 
 VisionTransformer build_model(const RunConfig& rc) {
   torch::manual_seed(rc.seed);
-  return VisionTransformer(rc.model, StagePart::whole(rc.model), /*init=*/true, ops_for(rc.train));
+  return VisionTransformer(rc.model, StagePart::whole(rc.model), /*init=*/true, ops_for(rc.train, /*cuda=*/false));
 }
 
 // ---------------------------------------------------------------------------------------
-// train / eval / predict / merge: every rank validates the mesh before any collective, then builds it.
-Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
+// train / eval / predict / merge: every rank validates the mesh before any collective, then
+// places itself (device, backend) and builds it. predict and merge run on the CPU (`cpu`).
+Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi, bool cpu = false) {
   MeshRequirements req;
   req.heads = rc.model.heads;
   req.mlp_dim = rc.model.mlp_dim;
@@ -78,8 +80,19 @@ Mesh mesh_for(const RunConfig& rc, const MpiRuntime& mpi) {
   } catch (const std::invalid_argument& e) {
     throw UsageError(e.what());
   }
-  Mesh mesh = make_mesh(dims);
-  log_topology(discover_topology(), dims);  // every rank's node and local rank; warns if a tp group spans nodes
+  const Topology topo = discover_topology();
+  const Placement place = cpu ? place_rank("cpu", "mpi", topo) : place_rank(rc.parallel.device, rc.parallel.backend, topo);
+  // Every rank sees the same dims and device kind (place_rank agreed): no rank is left waiting.
+  if (place.device.cuda() && dims.pp > 1)
+    throw UsageError("parallel.device=cuda with parallel.pp=" + std::to_string(dims.pp) +
+                     ": pipeline stages receive activations into CPU buffers (sharding/pipeline.cpp) so far; use "
+                     "parallel.pp=1 or parallel.device=cpu");
+  if (place.device.cuda() && dims.tp > 1)
+    throw UsageError("parallel.device=cuda with parallel.tp=" + std::to_string(dims.tp) +
+                     ": sharded layers index their rows with a CPU tensor (DenseLinear::shard_index) so far; use "
+                     "parallel.tp=1 or parallel.device=cpu");
+  Mesh mesh = make_mesh(dims, place.backend, place.device);
+  log_topology(topo, dims);  // every rank's node and local rank; warns if a tp group spans nodes
   return mesh;
 }
 
@@ -94,7 +107,7 @@ StageModel load_on_mesh(const RunConfig& rc, const std::string& adapter_dir, con
   spec.checkpoint = rc.checkpoint;
   spec.seed = rc.seed;
   spec.peft.method = "none";
-  spec.ops = ops_for(rc.train);  // the kernels training chooses, for inference too
+  spec.ops = ops_for(rc.train, mesh.device.cuda());  // the kernels training chooses, for inference too
   if (!adapter_dir.empty()) {  // check the cheap file first
     *adapter = read_adapter_config(adapter_dir);
     check_adapter_fits(*adapter, rc.model, adapter_dir);
@@ -128,7 +141,7 @@ int cmd_predict(const po::variables_map& vm) {
   const int64_t batch = vm["batch-size"].as<int64_t>();
   if (batch <= 0) throw UsageError("--batch-size=" + std::to_string(batch) + " must be positive");
   const std::string adapter_dir = vm.count("adapter") ? vm["adapter"].as<std::string>() : "";
-  Mesh mesh = mesh_for(rc, *g_mpi);
+  Mesh mesh = mesh_for(rc, *g_mpi, /*cpu=*/true);
   AdapterConfig adapter;
   StageModel sm = load_on_mesh(rc, adapter_dir, mesh, &adapter);
 
@@ -178,7 +191,7 @@ int cmd_predict(const po::variables_map& vm) {
 int cmd_merge(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
   const std::string adapter_dir = required(vm, "adapter"), out = required(vm, "out");
-  Mesh mesh = mesh_for(rc, *g_mpi);
+  Mesh mesh = mesh_for(rc, *g_mpi, /*cpu=*/true);
   AdapterConfig adapter;
   StageModel m = load_on_mesh(rc, adapter_dir, mesh, &adapter);
   merge_peft(*m.model, adapter.peft.method);  // each rank folds the update into its own shards

@@ -154,6 +154,7 @@ void load_optimizer(const std::string& dir, const StageModel& b, torch::optim::O
     auto s = std::make_unique<torch::optim::AdamWParamState>();
     for (const char* part : {".exp_avg", ".exp_avg_sq"}) {
       torch::Tensor t = r.read(name + part, torch::kFloat32);
+      if (!p.device().is_cpu()) t = t.to(p.device());  // the state lives with its parameter
       if (t.sizes() != p.sizes())
         throw std::invalid_argument(file + ": " + name + part + " has shape " + shape_str(t.sizes().vec()) +
                                     ", the parameter has " + shape_str(p.sizes().vec()));

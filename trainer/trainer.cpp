@@ -14,8 +14,10 @@
 #include <cstring>
 #include <fstream>
 
+#include "common/device.h"
 #include "common/log.h"
 #include "common/signals.h"
+#include "common/torch_device.h"
 #include "distributed/grad_sync.h"
 #include "io/atomic_file.h"
 #include "io/json.h"
@@ -63,9 +65,31 @@ torch::ScalarType compute_dtype(const RunSpec& spec) {
   return spec.train.precision == "bf16" ? torch::kBFloat16 : torch::kFloat32;
 }
 
+// --- the device ----------------------------------------------------------------------------
+
+torch::Device torch_device_of(const DeviceChoice& d) {
+  return d.cuda() ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d.index)) : torch::Device(torch::kCPU);
+}
+
+// `t` on the mesh's device: on the CPU `t` itself, so the CPU path is unchanged.
+torch::Tensor on_device(const torch::Tensor& t, const Mesh& mesh) {
+  return mesh.device.cuda() ? t.to(torch_device_of(mesh.device)) : t;
+}
+
+// The built stage (frozen weights, PEFT parameters, buffers) on the mesh's device, before the
+// optimizer and the gradient buckets are made from its parameters. Module::to moves each
+// tensor in place (set_data), so the PEFT state's handles follow.
+void place_model(StageModel& b, const Mesh& mesh) {
+  if (!mesh.device.cuda()) return;
+  b.model->to(torch_device_of(mesh.device));
+  torch_device::reset_peak(mesh.device.index);  // the peak from here on: the run's
+}
 }  // namespace
 
-std::shared_ptr<const ops::Ops> ops_for(const TrainConfig& train) {
+// The CPU-only operators (oneDNN frozen GEMMs, the AVX-512 bf16 kernels, the measured choice)
+// never run on a GPU: there the step takes LibTorch's own ops (ops::torch_ops).
+std::shared_ptr<const ops::Ops> ops_for(const TrainConfig& train, bool cuda) {
+  if (cuda) return ops::torch_ops();
   ops::CpuOptions o;
   o.frozen_gemm = ops::parse_frozen_gemm(train.frozen_gemm);
   o.bf16_kernels = train.bf16_kernels;
@@ -84,7 +108,7 @@ StageModel build(const RunSpec& spec, const Mesh& mesh, const std::string& adapt
   m.adapter_dir = adapter_dir;
   m.seed = spec.train.seed;
   m.precision = spec.train.precision;
-  m.ops = ops_for(spec.train);
+  m.ops = ops_for(spec.train, mesh.device.cuda());
   return build_stage_model(m, mesh);
 }
 
@@ -101,9 +125,10 @@ double top1(StageModel& b, const Dataset& ds, const RunSpec& spec, const Mesh& m
   auto forward = [&](const torch::Tensor& x) { return b.model->forward(x); };
   for (int64_t i = begin; i < end; i += 256) {
     torch::Tensor idx = torch::arange(i, std::min(end, i + 256), torch::kInt64);
-    torch::Tensor images = b.role.first() ? preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)) : torch::Tensor();
+    torch::Tensor images =
+        b.role.first() ? on_device(preprocess(ds, idx, spec.model, spec.data).to(compute_dtype(spec)), mesh) : torch::Tensor();
     torch::Tensor logits = pipeline_forward(images, b.role, forward, mesh.pp.get());
-    if (b.role.last()) correct += logits.argmax(1).eq(ds.labels.index_select(0, idx)).sum().item<double>();
+    if (b.role.last()) correct += logits.argmax(1).cpu().eq(ds.labels.index_select(0, idx)).sum().item<double>();
   }
   b.model->train(was_training);
   return reduce(*mesh.dp, reduce(*mesh.pp, correct, ReduceOp::Sum), ReduceOp::Sum) / static_cast<double>(n);
@@ -203,6 +228,7 @@ void set_up(Run& r) {
   r.mesh.world->barrier();
   r.data = load_splits(spec.data, spec.model);
   r.b = build(spec, r.mesh);
+  place_model(r.b, r.mesh);
   for (const auto& [_, t] : r.b.peft.trainable) r.params.push_back(t);
   if (!r.params.empty())
     r.opt = std::make_unique<torch::optim::AdamW>(r.params, torch::optim::AdamWOptions(spec.train.lr)
@@ -248,7 +274,8 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
   const Mesh& mesh = r.mesh;
   const int64_t m = r.microbatches;
   if (r.opt) r.opt->zero_grad();
-  auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
+  auto images = on_device(batch.images.to(compute_dtype(spec)), mesh).chunk(m);
+  auto labels = on_device(batch.labels, mesh).chunk(m);
   double local_loss = 0;
   StageHooks hooks;
   hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
@@ -300,6 +327,27 @@ void evaluate(Run& r, int64_t step, Metrics& metrics) {
   spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
 }
 
+// summary.json's GPU figures (rank 0): the device, its peak memory (LibTorch's caching
+// allocator, max over ranks) and MFU as torchtitan reports it: the model FLOPs of a step
+// (forward per image x batch x 3 for full fine-tuning, x 2 with a frozen backbone: no weight
+// gradients) over the step time and every rank's dense bf16 peak (bf16_peak_flops; null for
+// a GPU missing from its table).
+void add_device_figures(json::Value& summary, const Run& r, double step_time_s, double peak_device_bytes) {
+  const RunSpec& spec = r.spec;
+  const std::string name = torch_device::name(r.mesh.device.index);
+  summary.set("device", r.mesh.device.str());
+  summary.set("device_name", name);
+  summary.set("backend", backend_name(r.mesh.backend));
+  summary.set("peak_device_memory_mb", peak_device_bytes / 1e6);
+  const double flops = spec.model.forward_flops_per_image() * static_cast<double>(spec.data.batch_size) *
+                       (spec.peft.method == "full" ? 3.0 : 2.0);
+  summary.set("model_tflops_per_step", flops / 1e12);
+  const auto peak = bf16_peak_flops(name);
+  summary.set("bf16_peak_tflops", peak ? json::Value(*peak / 1e12) : json::Value(nullptr));
+  const bool known = peak && step_time_s > 0;
+  summary.set("mfu", known ? json::Value(flops / step_time_s / (*peak * r.mesh.dims.world)) : json::Value(nullptr));
+}
+
 // The final evaluation, adapter and summary.json (all ranks call it; rank 0 writes).
 double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<double>& step_times,
                   const std::vector<double>& wait_fractions) {
@@ -310,6 +358,9 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
   const double rss = reduce(*mesh.world, peak_rss_mb(), ReduceOp::Max);
   const double wait_fraction = reduce(*mesh.world, median(wait_fractions), ReduceOp::Max);
   const double loaded_bytes = reduce(*mesh.world, static_cast<double>(r.b.checkpoint_bytes), ReduceOp::Max);
+  const double peak_device_bytes = reduce(
+      *mesh.world, mesh.device.cuda() ? static_cast<double>(torch_device::peak_allocated_bytes(mesh.device.index)) : 0.0,
+      ReduceOp::Max);
   auto adapter = gather_trainable(r.b, mesh);
   if (r.rank0) {
     json::Value ev;
@@ -349,6 +400,7 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
       summary.set("kernels", json::parse(kernels.dump()));
     }
     summary.set("method", spec.peft.method);
+    if (mesh.device.cuda()) add_device_figures(summary, r, st, peak_device_bytes);
     io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
   }
   spdlog::info("done: eval top-1 {:.4f} on {} test images; outputs in {}", test_top1, r.data.test.size(), spec.output.dir);
@@ -436,6 +488,7 @@ double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, con
   s.peft = a.peft;
   Splits data = load_splits(s.data, s.model);
   StageModel b = build(s, mesh, adapter_dir);
+  place_model(b, mesh);
   const double acc = top1(b, data.test, s, mesh);
   if (mesh.rank == 0) {
     fs::create_directories(s.output.dir);

@@ -63,8 +63,9 @@ struct RunSpec {
   std::string schedule = "1f1b";  // pipeline schedule: gpipe | 1f1b
 };
 
-// The operators a model of this run uses (ops/ops.h): CpuOps with the run's kernel choices.
-std::shared_ptr<const ops::Ops> ops_for(const TrainConfig& train);
+// The operators a model of this run uses (ops/ops.h): CpuOps with the run's kernel choices,
+// LibTorch's own ops on a GPU.
+std::shared_ptr<const ops::Ops> ops_for(const TrainConfig& train, bool cuda);
 
 // Trains on `mesh` (all ranks call it). Returns the final eval top-1.
 double train(const RunSpec& spec, const Mesh& mesh);
