@@ -4,11 +4,14 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <set>
 
 #include "common/device.h"
 #include "common/torch_device.h"
 #include "distributed/nccl_api.h"
 #include "distributed/nccl_process_group.h"
+#include "peft/method.h"
+#include "tests/tiny.h"
 
 using namespace shardtune;
 
@@ -236,4 +239,27 @@ TEST(NcclAbi, TheRealLibraryWhereInstalled) {
   int nonzero = 0;
   for (char c : id.internal) nonzero += c != 0;
   EXPECT_GT(nonzero, 0);
+}
+
+// --- placement of a model ------------------------------------------------------------------
+
+// The trainer moves a stage with Module::to (trainer/trainer.cpp, place_model) and keeps
+// using the PEFT state's handles: right only if every trainable tensor of every method is a
+// registered parameter or buffer of the model (Module::to moves exactly those, in place).
+// (The meta device cannot stand in for cuda here: set_data refuses it.)
+TEST(DevicePlacement, EveryMethodsTrainableTensorsAreTheModelsOwn) {
+  for (const auto& method : MethodRegistry::instance().names()) {
+    if (method == "none") continue;
+    torch::manual_seed(0);
+    VisionTransformer m(tiny_config());
+    PeftConfig p;
+    p.method = method;
+    PeftState s = apply_peft(*m, p);
+    std::set<const void*> owned;
+    for (const auto& t : m->parameters()) owned.insert(t.unsafeGetTensorImpl());
+    for (const auto& t : m->buffers()) owned.insert(t.unsafeGetTensorImpl());
+    ASSERT_FALSE(s.trainable.empty()) << method;
+    for (const auto& [name, t] : s.trainable)
+      EXPECT_TRUE(owned.count(t.unsafeGetTensorImpl())) << method << ": " << name << " would stay on the CPU";
+  }
 }
