@@ -12,6 +12,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libboost-program-options-dev libspdlog-dev libgtest-dev
   dataset-fashion-mnist
+  libturbojpeg0-dev libpng-dev nlohmann-json3-dev   # image decoding (issue 18), classes.json
 )
 
 missing=()

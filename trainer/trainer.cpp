@@ -182,13 +182,15 @@ struct StepStats {
 // Locks output.dir, loads the data, builds this rank's stage, its optimizer and gradient sync.
 void set_up(Run& r) {
   const RunSpec& spec = r.spec;
+  // Every rank indexes the data first: a bad folder or list file fails them all alike, before any collective.
+  r.data = load_splits(spec.data, spec.model);
+  if (r.rank0) spdlog::info("{}", describe(r.data, spec.data));
   if (r.rank0) {
     fs::create_directories(spec.output.dir);
     r.lock = std::make_unique<OutputDirLock>(spec.output.dir);
     remove_stale_temporaries(spec.output.dir);
   }
   r.mesh.world->barrier();
-  r.data = load_splits(spec.data, spec.model);
   r.b = build(spec, r.mesh);
   for (const auto& [_, t] : r.b.peft.trainable) r.params.push_back(t);
   if (!r.params.empty())
@@ -235,7 +237,9 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
   const Mesh& mesh = r.mesh;
   const int64_t m = r.microbatches;
   if (r.opt) r.opt->zero_grad();
-  auto images = batch.images.to(compute_dtype(spec)).chunk(m), labels = batch.labels.chunk(m);
+  // Stages after the first get no images (only the first decodes).
+  auto images = batch.images.defined() ? batch.images.to(compute_dtype(spec)).chunk(m) : std::vector<torch::Tensor>(static_cast<size_t>(m));
+  auto labels = batch.labels.chunk(m);
   double local_loss = 0;
   StageHooks hooks;
   hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
@@ -289,7 +293,7 @@ void evaluate(Run& r, int64_t step, Metrics& metrics) {
 
 // The final evaluation, adapter and summary.json (all ranks call it; rank 0 writes).
 double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<double>& step_times,
-                  const std::vector<double>& wait_fractions) {
+                  const std::vector<double>& wait_fractions, double data_wait_fraction) {
   const RunSpec& spec = r.spec;
   const Mesh& mesh = r.mesh;
   const double test_top1 = top1(r.b, r.data.test, spec, mesh);
@@ -297,6 +301,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
   const double rss = reduce(*mesh.world, peak_rss_mb(), ReduceOp::Max);
   const double wait_fraction = reduce(*mesh.world, median(wait_fractions), ReduceOp::Max);
   const double loaded_bytes = reduce(*mesh.world, static_cast<double>(r.b.checkpoint_bytes), ReduceOp::Max);
+  const double data_wait = reduce(*mesh.world, data_wait_fraction, ReduceOp::Max);
+  const double skipped = reduce(*mesh.world, static_cast<double>(r.data.train.skipped->count()), ReduceOp::Max);
   auto adapter = gather_trainable(r.b, mesh);
   if (r.rank0) {
     json::Value ev;
@@ -305,6 +311,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     if (r.data.val.size() > 0) ev.set("val_top1", val_top1);
     metrics.write(ev);
     save_adapter(spec.output.dir + "/adapter", PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
+    write_class_names(spec.output.dir + "/classes.json", r.data.train.class_names);
+    write_class_names(spec.output.dir + "/adapter/classes.json", r.data.train.class_names);
     if (spec.peft.method == "full")  // a pretrained backbone in timm naming (every tensor is trainable)
       save_tensors(spec.output.dir + "/backbone.safetensors", adapter, {{"format", "pt"}});
     json::Value summary;
@@ -321,6 +329,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     summary.set("pipeline_wait_fraction", wait_fraction);
     summary.set("pipeline_bubble_ideal", ideal_bubble(mesh.dims.pp, static_cast<int>(r.microbatches)));
     summary.set("checkpoint_bytes_read_max_rank", loaded_bytes);
+    summary.set("data_wait_fraction", data_wait);  // share of the step time spent waiting for the loader (max rank)
+    summary.set("skipped_images", static_cast<int64_t>(skipped));
     json::Value mj;
     mj.set("dp", mesh.dims.dp);
     mj.set("tp", mesh.dims.tp);
@@ -357,7 +367,8 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   log_start(r);
 
   Metrics metrics(spec.output.dir, r.rank0, step);
-  Prefetcher prefetch(r.data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp);
+  Prefetcher prefetch(r.data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp, r.b.role.first());
+  double busy_s = 0, data_wait_s = 0;  // over the steps after the first (which fills the queue)
   const bool tty = r.rank0 && ::isatty(STDERR_FILENO);
   std::vector<double> step_times, wait_fractions;
   const int64_t first_step = step;
@@ -365,12 +376,14 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   while (step < r.total) {
     auto profile = maybe_profile(spec, step, mesh.rank);
     auto t0 = std::chrono::steady_clock::now();
+    const double waited = prefetch.wait_seconds();
     const StepStats s = train_step(r, prefetch.get(step), step);
     ++step;
     wait_fractions.push_back(s.wait_fraction);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // The profiled step runs slower (the profiler's own cost): left out of the median.
     if (step > first_step + 1 && !profile) step_times.push_back(secs);
+    if (step > first_step + 1) busy_s += secs, data_wait_s += prefetch.wait_seconds() - waited;
     profile.reset();  // writes the trace
 
     const double ips = static_cast<double>(spec.data.batch_size) / secs;
@@ -408,7 +421,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     }
   }
   mesh.world->barrier();
-  return finish_run(r, step, metrics, step_times, wait_fractions);
+  return finish_run(r, step, metrics, step_times, wait_fractions, busy_s > 0 ? data_wait_s / busy_s : 0.0);
 }
 
 double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh) {
