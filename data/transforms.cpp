@@ -71,12 +71,15 @@ torch::Tensor resize(const torch::Tensor& chw, int64_t oh, int64_t ow, const std
   if (oh == h && ow == w) return chw;
   const bool bicubic = interpolation == "bicubic";
   torch::Tensor x = chw.unsqueeze(0);
-  if (oh >= h && ow >= w) {  // enlarging: what the IDX path and torchvision do (antialiasing is a no-op)
+  // Enlarging bilinearly, antialiasing changes nothing: the plain kernel, the IDX path's. Cubic
+  // filters differ (torchvision's antialias=True and PIL use a = -0.5, interpolate a = -0.75),
+  // so bicubic always takes the antialiased kernel.
+  if (!bicubic && oh >= h && ow >= w) {
     namespace F = torch::nn::functional;
-    x = F::interpolate(x, F::InterpolateFuncOptions()
-                              .size(std::vector<int64_t>{oh, ow})
-                              .mode(bicubic ? torch::enumtype::kBicubic() : torch::enumtype::kBilinear())
-                              .align_corners(false));
+    auto opts = F::InterpolateFuncOptions().size(std::vector<int64_t>{oh, ow}).align_corners(false);
+    if (bicubic) opts.mode(torch::kBicubic);
+    else opts.mode(torch::kBilinear);
+    x = F::interpolate(x, opts);
   } else {
     x = bicubic ? at::_upsample_bicubic2d_aa(x, {oh, ow}, false) : at::_upsample_bilinear2d_aa(x, {oh, ow}, false);
   }

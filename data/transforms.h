@@ -1,9 +1,9 @@
 // The image transforms of data.transform, on one decoded image: vtab (a plain resize to the
 // model's size: the protocol of the PEFT papers), timm_eval (short side to size / crop_pct,
 // centre crop) and timm_train (RandomResizedCrop + horizontal flip). Resizing is
-// torchvision's: plain bilinear/bicubic when enlarging (the IDX path's interpolate, so a
-// lossless PNG of a Fashion-MNIST image gives its exact tensor), antialiased when shrinking
-// (the kernels behind torchvision's antialias=True, as PIL does).
+// torchvision's antialias=True (the same kernels; antialiased when shrinking, as PIL does);
+// enlarging bilinearly takes the plain kernel of the IDX path, equal up to rounding, so a
+// lossless PNG of a Fashion-MNIST image gives its exact tensor.
 #pragma once
 
 #include <torch/torch.h>

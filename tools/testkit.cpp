@@ -14,7 +14,8 @@
 //       OUT/png/{train,test}.txt list files of the same order) and as IDX files in OUT/idx
 //   transform FILE KIND INTERP SIZE CHANS OUT.f32
 //       FILE decoded and put through data.transform KIND (mean 0, std 1; timm_train with
-//       seed 0) as raw float32 [C, SIZE, SIZE]; `decode` as KIND: the decoded bytes [H, W, C]
+//       seed 0) as raw float32 [C, SIZE, SIZE]; `decode` as KIND: the decoded bytes [H, W, C];
+//       prints the shape; more groups of the six may follow
 #include <torch/torch.h>
 
 #include <boost/program_options/options_description.hpp>
@@ -131,7 +132,7 @@ int image_folder(char** a) {
   return 0;
 }
 
-int transform(char** a) {
+int transform_one(char** a) {
   const std::string kind = a[1];
   const int chans = std::stoi(a[4]);
   data::Image img = data::decode_file(a[0], chans);
@@ -152,6 +153,13 @@ int transform(char** a) {
   out.write(reinterpret_cast<const char*>(x.data_ptr<float>()), static_cast<std::streamsize>(x.numel() * 4));
   std::cout << x.size(0) << " " << x.size(1) << " " << x.size(2) << "\n";
   return out ? 0 : 1;
+}
+
+// Groups of FILE KIND INTERP SIZE CHANS OUT: one process (LibTorch loads in ~1 s) for many.
+int transform(int n, char** a) {
+  for (int i = 0; i + 6 <= n; i += 6)
+    if (transform_one(a + i) != 0) return 1;
+  return 0;
 }
 
 int compare(char** a) {
@@ -185,7 +193,7 @@ int main(int argc, char** argv) {
     if (cmd == "make-adapter" && argc == 6) return make_adapter(argv + 2);
     if (cmd == "compare" && argc == 6) return compare(argv + 2);
     if (cmd == "image-folder" && argc == 6) return image_folder(argv + 2);
-    if (cmd == "transform" && argc == 8) return transform(argv + 2);
+    if (cmd == "transform" && argc >= 8 && (argc - 2) % 6 == 0) return transform(argc - 2, argv + 2);
   } catch (const std::exception& e) {
     std::cerr << "shardtune_testkit " << cmd << ": error: " << e.what() << "\n";
     return 1;
@@ -194,6 +202,6 @@ int main(int argc, char** argv) {
                "       shardtune_testkit make-adapter CONFIG.ini METHOD DIR SEED\n"
                "       shardtune_testkit compare A.safetensors B.safetensors TENSOR RTOL\n"
                "       shardtune_testkit image-folder IDX_ROOT OUT N_TRAIN N_TEST\n"
-               "       shardtune_testkit transform FILE KIND|decode INTERP SIZE CHANS OUT\n";
+               "       shardtune_testkit transform FILE KIND|decode INTERP SIZE CHANS OUT [FILE KIND ...]\n";
   return 2;
 }
