@@ -38,11 +38,6 @@ data::Image pattern(int h, int w, int c, int salt = 0) {
   return im;
 }
 
-std::vector<uint8_t> read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
 // A PNG libpng writes with any colour type and depth (palette, 16-bit, grey+alpha).
 void write_png(const fs::path& path, int w, int h, int color, int depth, const std::vector<uint8_t>& raw,
                const std::vector<png_color>& palette = {}) {
