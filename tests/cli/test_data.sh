@@ -42,6 +42,9 @@ done
 grep -q '"T-shirt/top"' "$work/idx/classes.json" && pass "IDX run's classes.json" || failed "IDX run's classes.json"
 grep -q '"data_wait_fraction"' "$work/png/summary.json" && pass "summary has data_wait_fraction" || failed "no data_wait_fraction"
 grep -q '"skipped_images": 0' "$work/png/summary.json" && pass "no skipped images" || failed "skipped_images not 0"
+# eval on the image folder's test split reads the adapter's classes.json.
+expect 0 "classes: 0_tshirt_top \.\.\. 4_coat.*eval top-1 [0-9.]+ on [0-9]+ test images" -- \
+  "$st" eval --config "$cfg" "${ck[@]}" "${png[@]}" --adapter "$work/png/adapter" --output.dir "$work/eval"
 # The list files of the same images (all 10 classes) against the IDX run of all 10 classes.
 expect 0 "done" -- "$st" train --config "$cfg" "${ck[@]}" --model.num_classes 10 --data.classes "" --model.load_head false \
   --data.root "$work/fm/idx" --output.dir "$work/idx10" --train.steps 3
