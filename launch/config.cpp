@@ -40,16 +40,28 @@ po::options_description config_key_options() {
     ("peft.scale", po::value<double>(), "adaptformer output scale (0.1) / FacT scale (1)")
     ("peft.train_head", po::value<bool>(), "train the classifier head (default true)")
     ("model.load_head", po::value<bool>(), "load the checkpoint's head (false: a new task's head, freshly initialised)")
-    ("data.dataset", po::value<std::string>(), "fashion_mnist | synthetic")
-    ("data.root", po::value<std::string>(), "folder of the IDX files (default /usr/share/datasets/fashion-mnist)")
+    ("data.dataset", po::value<std::string>(), "fashion_mnist | synthetic | imagefolder | filelist")
+    ("data.root", po::value<std::string>(), "folder of the IDX files (default /usr/share/datasets/fashion-mnist), or of "
+                                            "train/ val/ test/ class folders (imagefolder), or the list files' paths (filelist)")
+    ("data.train_list", po::value<std::string>(), "filelist: 'relative/path label' lines (e.g. train800.txt), under data.root")
+    ("data.val_list", po::value<std::string>(), "filelist: validation list (optional; else data.val_samples held out)")
+    ("data.test_list", po::value<std::string>(), "filelist: test list (e.g. test.txt)")
+    ("data.transform", po::value<std::string>(), "image files: vtab (resize) | timm_eval (short side to size/crop_pct, centre crop) | "
+                                                 "timm_train (RandomResizedCrop + flip; evaluates as timm_eval)")
+    ("data.interpolation", po::value<std::string>(), "bilinear | bicubic (antialiased when shrinking)")
+    ("data.crop_pct", po::value<double>(), "timm_eval crop fraction (default 0.875)")
+    ("data.bad_images", po::value<std::string>(), "error (default) | skip: a file that does not decode is replaced by the next of its class")
+    ("data.workers", po::value<int>(), "decode threads (default 0: the cores left after the compute threads, at least 1)")
+    ("data.prefetch", po::value<int>(), "ready batches queued ahead (default 2)")
     ("data.classes", po::value<std::string>(), "class subset, renumbered: '5-9', '0,2,4' (default all)")
     ("data.train_samples", po::value<int64_t>(), "training images (0: all of the classes')")
     ("data.val_samples", po::value<int64_t>(), "validation images held out of the training file")
     ("data.eval_samples", po::value<int64_t>(), "test images to evaluate (0: all)")
     ("data.batch_size", po::value<int64_t>(), "global batch size")
     ("data.seed", po::value<uint64_t>(), "seed of the split and the batch order")
-    ("data.mean", po::value<double>(), "normalisation mean")
-    ("data.std", po::value<double>(), "normalisation std")
+    ("data.mean", po::value<std::string>(), "normalisation mean: one value or one a channel 'a,b,c' (default ImageNet's for "
+                                            "3 channels, Fashion-MNIST's 0.2860 for it and for 1)")
+    ("data.std", po::value<std::string>(), "normalisation std, as data.mean (0.229,0.224,0.225 or 0.3530)")
     ("train.seed", po::value<uint64_t>(), "seed for initialisation")
     ("train.steps", po::value<int64_t>(), "optimizer steps")
     ("train.epochs", po::value<int64_t>(), "epochs (overrides steps when > 0)")
@@ -163,8 +175,30 @@ RunConfig run_config_from(const po::variables_map& vm) {
   set_i("data.eval_samples", rc.data.eval_samples);
   set_i("data.batch_size", rc.data.batch_size);
   if (has("data.seed")) rc.data.seed = vm["data.seed"].as<uint64_t>();
-  set_d("data.mean", rc.data.mean);
-  set_d("data.std", rc.data.std);
+  str("data.train_list", rc.data.train_list);
+  str("data.val_list", rc.data.val_list);
+  str("data.test_list", rc.data.test_list);
+  str("data.transform", rc.data.transform);
+  str("data.interpolation", rc.data.interpolation);
+  set_d("data.crop_pct", rc.data.crop_pct);
+  str("data.bad_images", rc.data.bad_images);
+  if (has("data.workers")) rc.data.workers = vm["data.workers"].as<int>();
+  if (has("data.prefetch")) rc.data.prefetch = vm["data.prefetch"].as<int>();
+  auto list_d = [&](const char* k, std::vector<double>& field) {
+    if (!has(k)) return;
+    field.clear();
+    for (const auto& item : split_list(vm[k].as<std::string>())) {
+      try {
+        size_t used = 0;
+        field.push_back(std::stod(item, &used));
+        if (used != item.size()) throw std::invalid_argument(item);
+      } catch (const std::exception&) {
+        throw UsageError(std::string(k) + "=" + vm[k].as<std::string>() + ": '" + item + "' is not a number");
+      }
+    }
+  };
+  list_d("data.mean", rc.data.mean);
+  list_d("data.std", rc.data.std);
   set_i("train.steps", rc.train.steps);
   set_i("train.epochs", rc.train.epochs);
   set_d("train.lr", rc.train.lr);

@@ -6,13 +6,23 @@
 #include <boost/program_options/variables_map.hpp>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <iostream>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "common/log.h"
 #include "common/runtime.h"
 #include "common/signals.h"
+#include "data/decode.h"
+#include "data/imagefolder.h"
 #include "distributed/mesh.h"
 #include "distributed/placement.h"
 #include "distributed/topology.h"
@@ -26,6 +36,7 @@
 #include "peft/targets.h"
 #include "sharding/pipeline.h"
 #include "sharding/stage_model.h"
+#include "trainer/data.h"
 #include "trainer/trainer.h"
 
 using namespace shardtune;
@@ -39,10 +50,13 @@ constexpr const char* kUsage =
     "commands:\n"
     "  init     --config F --out FILE.safetensors       a randomly initialised backbone (timm names)\n"
     "  predict  --config F --input X --out Y [--adapter DIR]   logits for a batch of images\n"
+    "  predict  --config F [--adapter DIR] --images A.jpg B.png ... | --image-dir D [--format table|jsonl]\n"
+    "                                                    top-5 classes of image files\n"
     "  merge    --config F --adapter DIR --out FILE      fold a lora/ssf/fact_tt adapter into the backbone\n"
     "  train    --config F                               fine-tune (under mpirun/srun or alone)\n"
     "  eval     --config F --adapter DIR                 top-1 of backbone + adapter on the test split\n"
     "  plan     --config F --world-size N [--device-memory 80GB]   memory, communication, FLOPs per rank\n"
+    "  data     --config F [--check] [--benchmark N]     class counts per split; decode every file; loader images/s\n"
     "\n"
     "Every command takes --config FILE (INI), --section.key VALUE overrides, --log-level, --help.\n"
     "'shardtune <command> --help' lists its options and every config key.\n";
@@ -135,8 +149,98 @@ int cmd_init(const po::variables_map& vm) {
 
 // ---------------------------------------------------------------------------------------
 // predict: logits [B, num_classes] for input [B, C, H, W] (already normalised).
+// The forward pass over `images` through the pipeline; the logits on rank 0 (all ranks call it).
+torch::Tensor mesh_logits(StageModel& sm, const Mesh& mesh, const torch::Tensor& images, int64_t batch, int64_t num_classes) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> chunks;
+  auto forward = [&](const torch::Tensor& x) { return sm.model->forward(x); };
+  for (int64_t i = 0; i < images.size(0); i += batch)
+    chunks.push_back(pipeline_forward(images.slice(0, i, i + batch), sm.role, forward, mesh.pp.get()));
+  torch::Tensor logits;
+  if (sm.role.last()) logits = chunks.empty() ? torch::empty({0, num_classes}) : torch::cat(chunks, 0);
+  if (mesh.dims.pp > 1 && mesh.dp_rank() == 0 && mesh.tp_rank() == 0) {  // the last stage hands them to rank 0
+    if (sm.role.last()) {
+      std::vector<torch::Tensor> keep;
+      for (auto& w : send_tensor(*mesh.pp, logits, 0, keep)) w->wait();
+    } else if (sm.role.first()) {
+      logits = recv_tensor(*mesh.pp, mesh.dims.pp - 1);
+    }
+  }
+  return logits;
+}
+
+// classes.json of the adapter, else of output.dir; names must match model.num_classes.
+std::vector<std::string> class_names_for(const RunConfig& rc, const std::string& adapter_dir) {
+  std::string path = adapter_dir.empty() ? "" : adapter_dir + "/classes.json";
+  if (path.empty() || !std::filesystem::exists(path)) path = rc.output.dir + "/classes.json";
+  auto names = read_class_names(path);
+  if (!names.empty() && static_cast<int64_t>(names.size()) != rc.model.num_classes)
+    throw std::runtime_error(path + ": " + std::to_string(names.size()) + " class names for model.num_classes=" +
+                             std::to_string(rc.model.num_classes));
+  return names;
+}
+
+// predict on image files: the config's eval transform, top-5 names and probabilities.
+int predict_images(const po::variables_map& vm, RunConfig rc) {
+  const std::string format = vm["format"].as<std::string>();
+  if (format != "table" && format != "jsonl") throw UsageError("--format=" + format + " is not one of table, jsonl");
+  const int64_t batch = vm["batch-size"].as<int64_t>();
+  if (batch <= 0) throw UsageError("--batch-size=" + std::to_string(batch) + " must be positive");
+  std::vector<std::string> files = vm.count("images") ? vm["images"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  if (vm.count("image-dir")) {
+    const std::string dir = vm["image-dir"].as<std::string>();
+    if (!std::filesystem::is_directory(dir)) throw UsageError("--image-dir=" + dir + ": not a folder");
+    std::vector<std::string> found;
+    for (const auto& e : std::filesystem::directory_iterator(dir))
+      if (e.is_regular_file() && data::is_image_name(e.path().filename().string())) found.push_back(e.path().string());
+    std::sort(found.begin(), found.end());
+    if (found.empty()) throw UsageError("--image-dir=" + dir + ": no .jpg, .jpeg or .png file");
+    files.insert(files.end(), found.begin(), found.end());
+  }
+  for (const auto& f : files)
+    if (!std::filesystem::is_regular_file(f)) throw UsageError("--images: " + f + " does not exist");
+  const std::string adapter_dir = vm.count("adapter") ? vm["adapter"].as<std::string>() : "";
+  const auto names = class_names_for(rc, adapter_dir);
+  Dataset ds;
+  ds.files = files;
+  ds.labels = torch::zeros({static_cast<int64_t>(files.size())}, torch::kInt64);
+  rc.data.bad_images = "error";  // a prediction is never silently for another file
+  torch::Tensor images = preprocess(ds, torch::arange(ds.size()), rc.model, rc.data);  // before any collective
+  Mesh mesh = mesh_for(rc, *g_mpi);
+  AdapterConfig adapter;
+  StageModel sm = load_on_mesh(rc, adapter_dir, mesh, &adapter);
+  torch::Tensor logits = mesh_logits(sm, mesh, images, batch, rc.model.num_classes);
+  if (mesh.rank != 0) return 0;
+  torch::Tensor probs = torch::softmax(logits.to(torch::kFloat32), 1);
+  const int64_t k = std::min<int64_t>(5, probs.size(1));
+  auto [p, idx] = probs.topk(k, 1);
+  auto name = [&](int64_t c) { return names.empty() ? std::to_string(c) : names[static_cast<size_t>(c)]; };
+  for (size_t i = 0; i < files.size(); ++i) {
+    const auto r = static_cast<int64_t>(i);
+    if (format == "jsonl") {
+      nlohmann::json line{{"image", files[i]}, {"top", nlohmann::json::array()}};
+      for (int64_t j = 0; j < k; ++j)
+        line["top"].push_back({{"class", idx[r][j].item<int64_t>()}, {"name", name(idx[r][j].item<int64_t>())},
+                               {"prob", p[r][j].item<double>()}});
+      std::cout << line.dump() << "\n";
+    } else {
+      std::cout << files[i] << "\n";
+      for (int64_t j = 0; j < k; ++j) {
+        char buf[64];
+        std::snprintf(buf, sizeof(buf), "  %2lld. %6.2f%%  ", static_cast<long long>(j + 1), 100.0 * p[r][j].item<double>());
+        std::cout << buf << name(idx[r][j].item<int64_t>()) << " (" << idx[r][j].item<int64_t>() << ")\n";
+      }
+    }
+  }
+  return 0;
+}
+
 int cmd_predict(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
+  if (vm.count("images") || vm.count("image-dir")) {
+    if (vm.count("input")) throw UsageError("--input and --images/--image-dir exclude each other");
+    return predict_images(vm, rc);
+  }
   const std::string input_path = required(vm, "input"), out_path = required(vm, "out");
   const int64_t batch = vm["batch-size"].as<int64_t>();
   if (batch <= 0) throw UsageError("--batch-size=" + std::to_string(batch) + " must be positive");
@@ -156,21 +260,7 @@ int cmd_predict(const po::variables_map& vm) {
   torch::Tensor images = input.read("input", torch::kFloat32);
 
   // Through the pipeline stages; every dp replica computes all of it, rank 0 writes.
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> chunks;
-  auto forward = [&](const torch::Tensor& x) { return sm.model->forward(x); };
-  for (int64_t i = 0; i < images.size(0); i += batch)
-    chunks.push_back(pipeline_forward(images.slice(0, i, i + batch), sm.role, forward, mesh.pp.get()));
-  torch::Tensor logits;
-  if (sm.role.last()) logits = chunks.empty() ? torch::empty({0, m.num_classes}) : torch::cat(chunks, 0);
-  if (mesh.dims.pp > 1 && mesh.dp_rank() == 0 && mesh.tp_rank() == 0) {  // the last stage hands them to rank 0
-    if (sm.role.last()) {
-      std::vector<torch::Tensor> keep;
-      for (auto& w : send_tensor(*mesh.pp, logits, 0, keep)) w->wait();
-    } else if (sm.role.first()) {
-      logits = recv_tensor(*mesh.pp, mesh.dims.pp - 1);
-    }
-  }
+  torch::Tensor logits = mesh_logits(sm, mesh, images, batch, m.num_classes);
   if (mesh.rank != 0) return 0;
   save_tensors(out_path, {{"logits", logits}});
   spdlog::info("wrote logits {} to {}", shape_str(logits.sizes().vec()), out_path);
@@ -241,6 +331,8 @@ int cmd_train(const po::variables_map& vm) {
 int cmd_eval(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
   const std::string adapter = required(vm, "adapter");
+  const auto names = class_names_for(rc, adapter);
+  if (!names.empty()) spdlog::info("classes: {} ... {}", names.front(), names.back());
   preflight(rc);
   Mesh mesh = mesh_for(rc, *g_mpi);
   evaluate_adapter(rc.spec(), adapter, mesh);
@@ -271,6 +363,52 @@ int cmd_plan(const po::variables_map& vm) {
     for (const auto& line : reasoning) std::cout << "  " << line << "\n";
   }
   std::cout << format_plan(in, r);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// data: no MPI; the index of the data set, per-class counts, a decode check, a loader benchmark.
+int cmd_data(const po::variables_map& vm) {
+  RunConfig rc = run_config_from(vm);
+  Splits s = load_splits(rc.data, rc.model);
+  std::cout << describe(s, rc.data) << "\n";
+  const std::vector<std::pair<const char*, const Dataset*>> splits = {{"train", &s.train}, {"val", &s.val}, {"test", &s.test}};
+  std::printf("%-24s %8s %8s %8s\n", "class", "train", "val", "test");
+  for (int64_t c = 0; c < s.train.num_classes; ++c) {
+    const std::string name = c < static_cast<int64_t>(s.train.class_names.size()) ? s.train.class_names[static_cast<size_t>(c)] : std::to_string(c);
+    std::printf("%-24s", name.c_str());
+    for (const auto& [_, d] : splits) std::printf(" %8lld", static_cast<long long>(d->size() ? d->labels.eq(c).sum().item<int64_t>() : 0));
+    std::printf("\n");
+  }
+  std::fflush(stdout);
+  if (vm.count("check")) {
+    int64_t checked = 0, bad = 0;
+    for (const auto& [split, d] : splits)
+      for (const auto& f : d->files) {
+        ++checked;
+        try {
+          data::decode_file(f, static_cast<int>(rc.model.in_chans));
+        } catch (const data::DecodeError& e) {
+          ++bad;
+          std::cout << "bad " << split << " image: " << e.what() << "\n";
+        }
+      }
+    std::cout << "checked " << checked << " files: " << bad << " do not decode\n";
+    if (bad > 0) return 1;
+  }
+  if (vm.count("benchmark")) {
+    const int64_t n = vm["benchmark"].as<int64_t>();
+    if (n <= 0) throw UsageError("--benchmark=" + std::to_string(n) + " must be positive");
+    Prefetcher loader(s.train, rc.model, rc.data, 0, 1);
+    loader.get(0);  // the first batch starts the threads and fills the queue: not timed
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t step = 1; step <= n; ++step) loader.get(step);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    nlohmann::json out{{"images_per_sec", static_cast<double>(n * rc.data.batch_size) / secs},
+                       {"workers", loader.workers()}, {"batch_size", rc.data.batch_size},
+                       {"batches", n}, {"transform", rc.data.transform}};
+    std::cout << out.dump() << "\n";
+  }
   return 0;
 }
 
@@ -317,7 +455,17 @@ po::options_description predict_options() {
   d.add_options()("input", po::value<std::string>(), ".safetensors with 'input' [B,C,H,W] float32 (and optional 'labels' [B])")(
       "out", po::value<std::string>(), ".safetensors to write with 'logits' [B,num_classes] float32")(
       "batch-size", po::value<int64_t>()->default_value(32), "images per forward pass")(
-      "adapter", po::value<std::string>(), "adapter directory (adapter_config.json + adapter_model.safetensors)");
+      "adapter", po::value<std::string>(), "adapter directory (adapter_config.json + adapter_model.safetensors)")(
+      "images", po::value<std::vector<std::string>>()->multitoken(), "image files (.jpg .jpeg .png): print their top-5 classes")(
+      "image-dir", po::value<std::string>(), "every .jpg .jpeg .png of a folder, as --images")(
+      "format", po::value<std::string>()->default_value("table"), "--images output: table | jsonl (one JSON line an image)");
+  return d;
+}
+
+po::options_description data_options() {
+  po::options_description d("data options");
+  d.add_options()("check", "decode every file of every split; exit 1 naming each that does not")(
+      "benchmark", po::value<int64_t>(), "time N training batches through the loader; print one JSON line");
   return d;
 }
 
@@ -335,6 +483,7 @@ const Command kCommands[] = {
     {"train", cmd_train, train_options, true},
     {"eval", cmd_eval, eval_options, true},
     {"plan", cmd_plan, plan_options, false},
+    {"data", cmd_data, data_options, false},
 };
 
 }  // namespace

@@ -10,8 +10,9 @@ packages=(
   g++ make cmake zlib1g-dev
   libtorch-dev libopenblas0-openmp          # LibTorch 1.13 (CPU) on OpenBLAS, not the reference BLAS
   libopenmpi-dev openmpi-bin
-  libboost-program-options-dev libspdlog-dev libgtest-dev nlohmann-json3-dev
+  libboost-program-options-dev libspdlog-dev libgtest-dev
   dataset-fashion-mnist
+  libturbojpeg0-dev libpng-dev nlohmann-json3-dev   # image decoding (issue 18), classes.json
 )
 
 missing=()

@@ -220,13 +220,15 @@ struct StepStats {
 // Locks output.dir, loads the data, builds this rank's stage, its optimizer and gradient sync.
 void set_up(Run& r) {
   const RunSpec& spec = r.spec;
+  // Every rank indexes the data first: a bad folder or list file fails them all alike, before any collective.
+  r.data = load_splits(spec.data, spec.model);
+  if (r.rank0) spdlog::info("{}", describe(r.data, spec.data));
   if (r.rank0) {
     fs::create_directories(spec.output.dir);
     r.lock = std::make_unique<OutputDirLock>(spec.output.dir);
     remove_stale_temporaries(spec.output.dir);
   }
   r.mesh.world->barrier();
-  r.data = load_splits(spec.data, spec.model);
   r.b = build(spec, r.mesh);
   place_model(r.b, r.mesh);
   for (const auto& [_, t] : r.b.peft.trainable) r.params.push_back(t);
@@ -274,7 +276,9 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
   const Mesh& mesh = r.mesh;
   const int64_t m = r.microbatches;
   if (r.opt) r.opt->zero_grad();
-  auto images = on_device(batch.images.to(compute_dtype(spec)), mesh).chunk(m);
+  // Stages after the first get no images (only the first decodes).
+  auto images = batch.images.defined() ? on_device(batch.images.to(compute_dtype(spec)), mesh).chunk(m)
+                                       : std::vector<torch::Tensor>(static_cast<size_t>(m));
   auto labels = on_device(batch.labels, mesh).chunk(m);
   double local_loss = 0;
   StageHooks hooks;
@@ -350,7 +354,7 @@ void add_device_figures(json::Value& summary, const Run& r, double step_time_s, 
 
 // The final evaluation, adapter and summary.json (all ranks call it; rank 0 writes).
 double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<double>& step_times,
-                  const std::vector<double>& wait_fractions) {
+                  const std::vector<double>& wait_fractions, double data_wait_fraction) {
   const RunSpec& spec = r.spec;
   const Mesh& mesh = r.mesh;
   const double test_top1 = top1(r.b, r.data.test, spec, mesh);
@@ -361,6 +365,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
   const double peak_device_bytes = reduce(
       *mesh.world, mesh.device.cuda() ? static_cast<double>(torch_device::peak_allocated_bytes(mesh.device.index)) : 0.0,
       ReduceOp::Max);
+  const double data_wait = reduce(*mesh.world, data_wait_fraction, ReduceOp::Max);
+  const double skipped = reduce(*mesh.world, static_cast<double>(r.data.train.skipped->count()), ReduceOp::Max);
   auto adapter = gather_trainable(r.b, mesh);
   if (r.rank0) {
     json::Value ev;
@@ -369,6 +375,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     if (r.data.val.size() > 0) ev.set("val_top1", val_top1);
     metrics.write(ev);
     save_adapter(spec.output.dir + "/adapter", PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
+    write_class_names(spec.output.dir + "/classes.json", r.data.train.class_names);
+    write_class_names(spec.output.dir + "/adapter/classes.json", r.data.train.class_names);
     if (spec.peft.method == "full")  // a pretrained backbone in timm naming (every tensor is trainable)
       save_tensors(spec.output.dir + "/backbone.safetensors", adapter, {{"format", "pt"}});
     json::Value summary;
@@ -385,6 +393,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     summary.set("pipeline_wait_fraction", wait_fraction);
     summary.set("pipeline_bubble_ideal", ideal_bubble(mesh.dims.pp, static_cast<int>(r.microbatches)));
     summary.set("checkpoint_bytes_read_max_rank", loaded_bytes);
+    summary.set("data_wait_fraction", data_wait);  // share of the step time spent waiting for the loader (max rank)
+    summary.set("skipped_images", static_cast<int64_t>(skipped));
     json::Value mj;
     mj.set("dp", mesh.dims.dp);
     mj.set("tp", mesh.dims.tp);
@@ -426,7 +436,8 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   log_start(r);
 
   Metrics metrics(spec.output.dir, r.rank0, step);
-  Prefetcher prefetch(r.data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp);
+  Prefetcher prefetch(r.data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp, r.b.role.first());
+  double busy_s = 0, data_wait_s = 0;  // over the steps after the first (which fills the queue)
   const bool tty = r.rank0 && ::isatty(STDERR_FILENO);
   std::vector<double> step_times, wait_fractions;
   const int64_t first_step = step;
@@ -434,12 +445,14 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   while (step < r.total) {
     auto profile = maybe_profile(spec, step, mesh.rank);
     auto t0 = std::chrono::steady_clock::now();
+    const double waited = prefetch.wait_seconds();
     const StepStats s = train_step(r, prefetch.get(step), step);
     ++step;
     wait_fractions.push_back(s.wait_fraction);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // The profiled step runs slower (the profiler's own cost): left out of the median.
     if (step > first_step + 1 && !profile) step_times.push_back(secs);
+    if (step > first_step + 1) busy_s += secs, data_wait_s += prefetch.wait_seconds() - waited;
     profile.reset();  // writes the trace
     if (step == first_step + 1) r.b.model->ops->log_choices();  // the step's kernels are all chosen now
 
@@ -478,7 +491,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     }
   }
   mesh.world->barrier();
-  return finish_run(r, step, metrics, step_times, wait_fractions);
+  return finish_run(r, step, metrics, step_times, wait_fractions, busy_s > 0 ? data_wait_s / busy_s : 0.0);
 }
 
 double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, const Mesh& mesh) {
