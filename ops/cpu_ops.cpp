@@ -28,6 +28,7 @@
 #include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <functional>
 #include <sstream>
 
 #include "ops/cpu_kernels.h"
@@ -192,10 +193,11 @@ class CpuOps final : public Ops {
       fwd = bwd = dtype == torch::kFloat ? "onednn" : "blas";
     } else {
       const int64_t M = x.numel() / x.size(-1), K = x.size(-1), N = w.size(0);
-      fwd = choose_gemm(dtype, "fwd", M, K, N, x.reshape({M, K}), w, true);
-      // The input gradient's GEMM, chosen now (its shapes are known): dy [M, N] @ W [N, K].
+      fwd = choose_gemm(dtype, "fwd", M, K, N, [&] { return x.reshape({M, K}); }, w, true);
+      // The input gradient's GEMM, chosen now (its shapes are known): dy [M, N] @ W [N, K],
+      // timed on a stand-in dy made only when the key is new.
       if (x.requires_grad() && torch::GradMode::is_enabled())
-        bwd = choose_gemm(dtype, "bwd", M, N, K, torch::randn({M, N}, x.options()), w, false);
+        bwd = choose_gemm(dtype, "bwd", M, N, K, [&] { return torch::randn({M, N}, x.options()); }, w, false);
       else
         bwd = "blas";
     }
@@ -293,13 +295,16 @@ class CpuOps final : public Ops {
 
   // The frozen GEMM C [M, N] = a [M, K] @ op(w), forward (op = transpose) or input gradient.
   std::string choose_gemm(torch::ScalarType dtype, const char* dir, int64_t M, int64_t K, int64_t N,
-                          const torch::Tensor& a, const torch::Tensor& w, bool transpose) const {
+                          const std::function<torch::Tensor()>& make_a, const torch::Tensor& w,
+                          bool transpose) const {
     std::ostringstream key;
     key << "gemm " << dtype_name(dtype) << " " << dir << " " << M << "x" << K << "x" << N << threads();
     std::vector<Tuner::Candidate> candidates;
+    torch::Tensor a;  // the left operand, made at the first candidate call (never for a known key)
     auto add = [&](const char* kernel) {
       candidates.push_back({kernel, [&, kernel](bool probe) {
                               torch::NoGradGuard no_grad;
+                              if (!a.defined()) a = make_a();
                               const int64_t rows = probe ? std::min(M, kProbeRows) : M;
                               gemm(kernel, a.narrow(0, 0, rows), w, transpose, {rows, N});
                             }});
