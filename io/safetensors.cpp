@@ -11,7 +11,7 @@
 #include <set>
 
 #include "io/atomic_file.h"
-#include "io/json.h"
+#include "io/strict_json.h"
 
 namespace shardtune::safetensors {
 
@@ -66,46 +66,39 @@ uint64_t checked_nbytes(const std::vector<int64_t>& shape, size_t elem, const st
   return static_cast<uint64_t>(n);
 }
 
-TensorInfo parse_entry(const std::string& name, const json::Value& v, const std::string& source) {
+TensorInfo parse_entry(const std::string& name, const json::Json& v, const std::string& source) {
   auto bad = [&](const std::string& what) { fail(source, "tensor '" + name + "': " + what); };
   if (!v.is_object()) bad("entry is not a JSON object");
-  for (const auto& [k, _] : v.as_object())
+  for (const auto& [k, _] : v.items())
     if (k != "dtype" && k != "shape" && k != "data_offsets") bad("unknown field '" + k + "'");
-  const json::Value* dt = v.find("dtype");
-  const json::Value* sh = v.find("shape");
-  const json::Value* off = v.find("data_offsets");
-  if (!dt || !sh || !off) bad("entry needs 'dtype', 'shape' and 'data_offsets'");
+  auto dt = v.find("dtype"), sh = v.find("shape"), off = v.find("data_offsets");
+  if (dt == v.end() || sh == v.end() || off == v.end()) bad("entry needs 'dtype', 'shape' and 'data_offsets'");
   if (!dt->is_string()) bad("'dtype' is not a string");
-  auto dtype = dtype_from_name(dt->as_string());
-  if (!dtype) bad("unknown dtype '" + dt->as_string() + "'");
+  auto dtype = dtype_from_name(dt->get_ref<const std::string&>());
+  if (!dtype) bad("unknown dtype '" + dt->get<std::string>() + "'");
 
   TensorInfo t;
   t.name = name;
   t.dtype = *dtype;
   if (!sh->is_array()) bad("'shape' is not an array");
-  for (const auto& d : sh->as_array()) {
-    uint64_t dim = 0;
-    try {
-      dim = d.as_uint64();
-    } catch (const std::exception&) {
-      bad("shape entry " + (d.is_number() ? d.dump() : std::string("of the wrong type")) +
+  for (const auto& d : *sh) {
+    if (!d.is_number_unsigned())
+      bad("shape entry " + (d.is_number() ? json::dump(d) : std::string("of the wrong type")) +
           " is not a non-negative integer");
-    }
-    if (dim > static_cast<uint64_t>(INT64_MAX)) bad("shape entry " + d.dump() + " is too large");
+    const uint64_t dim = d.get<uint64_t>();
+    if (dim > static_cast<uint64_t>(INT64_MAX)) bad("shape entry " + json::dump(d) + " is too large");
     t.shape.push_back(static_cast<int64_t>(dim));
   }
-  if (!off->is_array() || off->as_array().size() != 2) bad("'data_offsets' is not a pair [begin, end]");
-  try {
-    t.begin = off->as_array()[0].as_uint64();
-    t.end = off->as_array()[1].as_uint64();
-  } catch (const std::exception&) {
+  if (!off->is_array() || off->size() != 2) bad("'data_offsets' is not a pair [begin, end]");
+  if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
     bad("'data_offsets' are not non-negative integers");
-  }
+  t.begin = (*off)[0].get<uint64_t>();
+  t.end = (*off)[1].get<uint64_t>();
   if (t.end < t.begin)
     bad("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] end before they begin");
   uint64_t want = checked_nbytes(t.shape, dtype_size(t.dtype), source, name);
   if (t.end - t.begin != want) {
-    std::string shape_text = sh->dump();
+    std::string shape_text = json::dump(*sh);
     bad("shape " + shape_text + " x " + dtype_name(t.dtype) + " needs " + std::to_string(want) +
         " bytes but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] hold " +
         std::to_string(t.end - t.begin));
@@ -126,7 +119,7 @@ Header parse_header(const uint8_t* bytes, size_t size, const std::string& source
     fail(source, "header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) +
                      " bytes)");
 
-  json::Value doc;
+  json::Json doc;
   try {
     doc = json::parse(std::string_view(reinterpret_cast<const char*>(bytes + 8), n));
   } catch (const json::ParseError& e) {
@@ -136,12 +129,12 @@ Header parse_header(const uint8_t* bytes, size_t size, const std::string& source
 
   Header h;
   h.data_offset = 8 + n;
-  for (const auto& [name, v] : doc.as_object()) {
+  for (const auto& [name, v] : doc.items()) {
     if (name == "__metadata__") {
       if (!v.is_object()) fail(source, "__metadata__ is not a JSON object");
-      for (const auto& [mk, mv] : v.as_object()) {
+      for (const auto& [mk, mv] : v.items()) {
         if (!mv.is_string()) fail(source, "__metadata__ value of '" + mk + "' is not a string");
-        h.metadata[mk] = mv.as_string();
+        h.metadata[mk] = mv.get<std::string>();
       }
       continue;
     }
@@ -230,12 +223,8 @@ const TensorInfo* File::find(std::string_view name) const {
 
 void write(const std::string& path, const std::vector<TensorView>& tensors,
            const std::map<std::string, std::string>& metadata) {
-  json::Value header(json::Value::Object{});
-  if (!metadata.empty()) {
-    json::Value meta(json::Value::Object{});
-    for (const auto& [k, v] : metadata) meta.set(k, v);
-    header.set("__metadata__", meta);
-  }
+  json::Json header = json::Json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> names;
   uint64_t offset = 0;
   for (const auto& t : tensors) {
@@ -245,16 +234,10 @@ void write(const std::string& path, const std::vector<TensorView>& tensors,
     if (want != t.nbytes)
       throw FormatError(path + ": tensor '" + t.name + "' has " + std::to_string(t.nbytes) + " bytes, its shape needs " +
                         std::to_string(want));
-    json::Value::Array shape;
-    for (int64_t d : t.shape) shape.emplace_back(d);
-    json::Value entry(json::Value::Object{});
-    entry.set("dtype", dtype_name(t.dtype));
-    entry.set("shape", json::Value(shape));
-    entry.set("data_offsets", json::Value(json::Value::Array{json::Value(offset), json::Value(offset + want)}));
-    header.set(t.name, entry);
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + want}}};
     offset += want;
   }
-  std::string text = header.dump();
+  std::string text = json::dump(header);
   text.append((8 - text.size() % 8) % 8, ' ');  // align the data buffer to 8 bytes
 
   io::write_atomically(path, [&](std::FILE* f) {

@@ -34,6 +34,10 @@ po::options_description config_key_options() {
     ("peft.qkv_parts", po::value<std::string>(), "LoRA on fused attn.qkv: parts among q,k,v (default q,v)")
     ("peft.rank", po::value<int64_t>(), "LoRA / FacT rank (default 8)")
     ("peft.alpha", po::value<double>(), "LoRA alpha; scaling = alpha / rank (default 8)")
+    ("peft.rank_pattern", po::value<std::string>(), "LoRA rank per module, as PEFT's rank_pattern: 'attn.qkv:16,mlp.fc1:4'")
+    ("peft.alpha_pattern", po::value<std::string>(), "LoRA alpha per module, as PEFT's alpha_pattern: 'attn.qkv:32'")
+    ("peft.rslora", po::value<bool>(), "rank-stabilised LoRA: scaling = alpha / sqrt(rank) (default false)")
+    ("peft.init_adapter", po::value<std::string>(), "train: start from this adapter directory (ShardTune's or a Hugging Face PEFT LoRA)")
     ("peft.dropout", po::value<double>(), "LoRA input dropout (default 0)")
     ("peft.bottleneck", po::value<int64_t>(), "adapter / adaptformer width (default 8)")
     ("peft.prompt_len", po::value<int64_t>(), "VPT / prefix tokens (default 10)")
@@ -163,6 +167,25 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (has("peft.dropout")) rc.peft.dropout = vm["peft.dropout"].as<double>();
   if (has("peft.scale")) rc.peft.scale = vm["peft.scale"].as<double>();
   if (has("peft.train_head")) rc.peft.train_head = vm["peft.train_head"].as<bool>();
+  if (has("peft.rslora")) rc.peft.rslora = vm["peft.rslora"].as<bool>();
+  str("peft.init_adapter", rc.peft.init_adapter);
+  auto patterns = [&](const char* k, auto& field, auto parse) {
+    if (!has(k)) return;
+    field.clear();
+    const std::string text = vm[k].as<std::string>();
+    try {
+      for (const auto& [pattern, value] : split_pairs(text, k)) {
+        size_t used = 0;
+        auto v = parse(value, &used);
+        if (used != value.size()) throw std::invalid_argument(value);
+        field.emplace_back(pattern, v);
+      }
+    } catch (const std::exception& e) {
+      throw UsageError(std::string(k) + "=" + text + ": not PATTERN:NUMBER items (" + e.what() + ")");
+    }
+  };
+  patterns("peft.rank_pattern", rc.peft.rank_pattern, [](const std::string& v, size_t* used) { return std::stoll(v, used); });
+  patterns("peft.alpha_pattern", rc.peft.alpha_pattern, [](const std::string& v, size_t* used) { return std::stod(v, used); });
   if (has("model.load_head")) rc.load_head = vm["model.load_head"].as<bool>();
   auto set_d = [&](const char* k, double& field) {
     if (has(k)) field = vm[k].as<double>();

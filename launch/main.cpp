@@ -8,7 +8,6 @@
 
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -26,7 +25,7 @@
 #include "distributed/mesh.h"
 #include "distributed/placement.h"
 #include "distributed/topology.h"
-#include "io/json.h"
+#include "io/strict_json.h"
 #include "launch/config.h"
 #include "launch/plan.h"
 #include "models/checkpoint.h"
@@ -128,7 +127,13 @@ StageModel load_on_mesh(const RunConfig& rc, const std::string& adapter_dir, con
     spec.peft = adapter->peft;
     spec.adapter_dir = adapter_dir;
   }
-  StageModel m = build_stage_model(spec, mesh);
+  StageModel m;
+  try {
+    m = build_stage_model(spec, mesh);
+  } catch (const std::invalid_argument& e) {  // the adapter's targets or ranks do not fit this model
+    if (adapter_dir.empty()) throw;
+    throw std::invalid_argument(adapter_dir + "/adapter_config.json: " + e.what());
+  }
   spdlog::info("loaded {} from {} on {}{}", rc.model.arch, rc.checkpoint, mesh.dims.str(),
                adapter_dir.empty() ? "" : " with the " + spec.peft.method + " adapter from " + adapter_dir);
   m.model->eval();
@@ -218,11 +223,11 @@ int predict_images(const po::variables_map& vm, RunConfig rc) {
   for (size_t i = 0; i < files.size(); ++i) {
     const auto r = static_cast<int64_t>(i);
     if (format == "jsonl") {
-      nlohmann::json line{{"image", files[i]}, {"top", nlohmann::json::array()}};
+      json::Json line{{"image", files[i]}, {"top", json::Json::array()}};
       for (int64_t j = 0; j < k; ++j)
         line["top"].push_back({{"class", idx[r][j].item<int64_t>()}, {"name", name(idx[r][j].item<int64_t>())},
                                {"prob", p[r][j].item<double>()}});
-      std::cout << line.dump() << "\n";
+      std::cout << json::dump(line) << "\n";  // a file name that is not UTF-8 gets U+FFFD
     } else {
       std::cout << files[i] << "\n";
       for (int64_t j = 0; j < k; ++j) {
@@ -321,6 +326,12 @@ void preflight(const RunConfig& rc) {
 
 int cmd_train(const po::variables_map& vm) {
   RunConfig rc = run_config_from(vm);
+  if (!rc.peft.init_adapter.empty()) {  // the adapter's method and shape, its weights loaded at build
+    const AdapterConfig adapter = read_adapter_config(rc.peft.init_adapter);
+    check_adapter_fits(adapter, rc.model, rc.peft.init_adapter);
+    rc.peft = peft_for_init(rc.peft, adapter);
+    spdlog::info("peft.init_adapter: starting from the {} adapter in {}", rc.peft.method, rc.peft.init_adapter);
+  }
   preflight(rc);
   Mesh mesh = mesh_for(rc, *g_mpi);
   set_graceful_stop(true);  // from here a stop signal means: finish the step, checkpoint, exit 0

@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "io/atomic_file.h"
-#include "io/json.h"
+#include "io/strict_json.h"
 
 namespace shardtune {
 
@@ -143,20 +143,20 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
     }
   }
   if (ends_with(p, ".index.json")) {
-    json::Value index;
+    json::Json index;
     try {
       index = json::parse(io::read_text(p));
     } catch (const std::exception& e) {
       throw CheckpointError(p + ": cannot read the checkpoint index: " + e.what());
     }
-    const json::Value* map = index.is_object() ? index.find("weight_map") : nullptr;
-    if (!map || !map->is_object()) throw CheckpointError(p + ": index has no \"weight_map\" object");
+    auto map = index.is_object() ? index.find("weight_map") : index.end();
+    if (map == index.end() || !map->is_object()) throw CheckpointError(p + ": index has no \"weight_map\" object");
     std::set<std::string> shards;
     std::map<std::string, std::string> expected;  // tensor -> shard file
-    for (const auto& [name, file] : map->as_object()) {
+    for (const auto& [name, file] : map->items()) {
       if (!file.is_string()) throw CheckpointError(p + ": weight_map entry '" + name + "' is not a file name");
-      shards.insert(file.as_string());
-      expected[name] = file.as_string();
+      shards.insert(file.get<std::string>());
+      expected[name] = file.get<std::string>();
     }
     for (const auto& shard : shards) add_file(dir_of(p) + "/" + shard);
     for (const auto& [name, file] : expected) {
@@ -327,23 +327,32 @@ ShapeList shapes_of(const std::vector<std::pair<std::string, torch::Tensor>>& te
 
 void check_fits(const ShapeList& expected, const CheckpointReader& reader, const std::string& key_prefix,
                 const std::string& ignore_prefix, const KeyFilter& elsewhere) {
+  std::map<std::string, std::vector<int64_t>> found;
+  for (const auto& key : reader.names()) found[key] = reader.shape(key);
+  check_fits(expected, found, reader.path(), key_prefix, ignore_prefix, elsewhere);
+}
+
+void check_fits(const ShapeList& expected, const std::map<std::string, std::vector<int64_t>>& found,
+                const std::string& path, const std::string& key_prefix, const std::string& ignore_prefix,
+                const KeyFilter& elsewhere) {
   std::vector<std::string> problems;
   std::set<std::string> names;
   for (const auto& [name, shape] : expected) {
     const std::string key = key_prefix + name;
     names.insert(key);
-    if (!reader.contains(key)) {
+    auto it = found.find(key);
+    if (it == found.end()) {
       problems.push_back("missing key " + key + " (expected shape " + shape_str(shape) + ")");
-    } else if (reader.shape(key) != shape) {
+    } else if (it->second != shape) {
       problems.push_back("shape mismatch for " + key + ": expected " + shape_str(shape) + ", found " +
-                         shape_str(reader.shape(key)));
+                         shape_str(it->second));
     }
   }
-  for (const auto& key : reader.names())
+  for (const auto& [key, shape] : found)
     if (!names.count(key) && (ignore_prefix.empty() || key.rfind(ignore_prefix, 0) != 0) && !(elsewhere && elsewhere(key)))
-      problems.push_back("unexpected key " + key + " (shape " + shape_str(reader.shape(key)) + ")");
+      problems.push_back("unexpected key " + key + " (shape " + shape_str(shape) + ")");
   if (problems.empty()) return;
-  std::string msg = reader.path() + " does not fit the model: " + std::to_string(problems.size()) + " problem" +
+  std::string msg = path + " does not fit the model: " + std::to_string(problems.size()) + " problem" +
                     (problems.size() > 1 ? "s" : "") + ": ";
   for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
   throw CheckpointError(msg);

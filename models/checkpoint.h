@@ -99,6 +99,10 @@ void load_state(torch::nn::Module& module, const CheckpointReader& reader, const
 using ShapeList = std::vector<std::pair<std::string, std::vector<int64_t>>>;
 void check_fits(const ShapeList& expected, const CheckpointReader& reader, const std::string& key_prefix = "",
                 const std::string& ignore_prefix = "", const KeyFilter& elsewhere = nullptr);
+// The same against tensors already in memory (key -> shape), `path` naming where they came from.
+void check_fits(const ShapeList& expected, const std::map<std::string, std::vector<int64_t>>& found,
+                const std::string& path, const std::string& key_prefix = "", const std::string& ignore_prefix = "",
+                const KeyFilter& elsewhere = nullptr);
 ShapeList shapes_of(const std::vector<std::pair<std::string, torch::Tensor>>& tensors);
 
 // Writes named tensors (converted to contiguous CPU, dtype kept) as one safetensors file,

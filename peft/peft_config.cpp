@@ -18,45 +18,66 @@ std::vector<std::string> split_list(const std::string& s) {
   return out;
 }
 
-json::Value PeftConfig::to_json() const {
-  json::Value v;
-  v.set("method", method);
-  v.set("targets", targets);
-  v.set("exclude", exclude);
-  v.set("qkv_parts", qkv_parts);
-  v.set("rank", rank);
-  v.set("alpha", alpha);
-  v.set("dropout", dropout);
-  v.set("bottleneck", bottleneck);
-  v.set("prompt_len", prompt_len);
-  v.set("scale", scale ? json::Value(*scale) : json::Value(nullptr));
-  v.set("train_head", train_head);
-  return v;
+std::vector<std::pair<std::string, std::string>> split_pairs(const std::string& s, const std::string& key) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const std::string& item : split_list(s)) {
+    const size_t colon = item.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == item.size())
+      throw std::invalid_argument(key + "=" + s + ": '" + item + "' is not PATTERN:VALUE");
+    out.emplace_back(item.substr(0, colon), item.substr(colon + 1));
+  }
+  return out;
 }
 
-PeftConfig PeftConfig::from_json(const json::Value& v, const std::string& source) {
+json::Json PeftConfig::to_json() const {
+  json::Json ranks = json::Json::object(), alphas = json::Json::object();
+  for (const auto& [k, v] : rank_pattern) ranks[k] = v;
+  for (const auto& [k, v] : alpha_pattern) alphas[k] = v;
+  return {{"method", method},
+          {"targets", targets},
+          {"exclude", exclude},
+          {"qkv_parts", qkv_parts},
+          {"rank", rank},
+          {"alpha", alpha},
+          {"rank_pattern", ranks},
+          {"alpha_pattern", alphas},
+          {"rslora", rslora},
+          {"dropout", dropout},
+          {"bottleneck", bottleneck},
+          {"prompt_len", prompt_len},
+          {"scale", scale ? json::Json(*scale) : json::Json(nullptr)},
+          {"train_head", train_head}};
+}
+
+PeftConfig PeftConfig::from_json(const json::Json& v, const std::string& source) {
   PeftConfig c;
-  auto field = [&](const char* key) -> const json::Value& {
-    const json::Value* f = v.is_object() ? v.find(key) : nullptr;
-    if (!f) throw std::invalid_argument(source + ": missing \"" + key + "\"");
-    return *f;
+  auto field = [&](const char* key) -> const json::Json& {
+    if (!v.is_object() || !v.contains(key)) throw std::invalid_argument(source + ": missing \"" + key + "\"");
+    return v[key];
   };
+  const char* reading = "";
   try {
-    c.method = field("method").as_string();
-    c.targets = field("targets").as_string();
-    c.exclude = field("exclude").as_string();
-    c.qkv_parts = field("qkv_parts").as_string();
-    c.rank = field("rank").as_int64();
-    c.alpha = field("alpha").as_double();
-    c.dropout = field("dropout").as_double();
-    c.bottleneck = field("bottleneck").as_int64();
-    c.prompt_len = field("prompt_len").as_int64();
-    if (!field("scale").is_null()) c.scale = field("scale").as_double();
-    c.train_head = field("train_head").as_bool();
+    c.method = json::to_string(field(reading = "method"));
+    c.targets = json::to_string(field(reading = "targets"));
+    c.exclude = json::to_string(field(reading = "exclude"));
+    c.qkv_parts = json::to_string(field(reading = "qkv_parts"));
+    c.rank = json::to_int64(field(reading = "rank"));
+    c.alpha = json::to_double(field(reading = "alpha"));
+    c.dropout = json::to_double(field(reading = "dropout"));
+    c.bottleneck = json::to_int64(field(reading = "bottleneck"));
+    c.prompt_len = json::to_int64(field(reading = "prompt_len"));
+    if (!field(reading = "scale").is_null()) c.scale = json::to_double(field("scale"));
+    c.train_head = json::to_bool(field(reading = "train_head"));
+    // Since format 2 (older adapters have none of these: plain LoRA).
+    if (v.contains(reading = "rslora")) c.rslora = json::to_bool(v[reading]);
+    if (v.contains(reading = "rank_pattern"))
+      for (const auto& [k, r] : v[reading].items()) c.rank_pattern.emplace_back(k, json::to_int64(r));
+    if (v.contains(reading = "alpha_pattern"))
+      for (const auto& [k, a] : v[reading].items()) c.alpha_pattern.emplace_back(k, json::to_double(a));
   } catch (const std::invalid_argument&) {
     throw;
   } catch (const std::exception& e) {
-    throw std::invalid_argument(source + ": malformed PEFT config: " + e.what());
+    throw std::invalid_argument(source + ": malformed PEFT config: \"" + reading + "\": " + e.what());
   }
   return c;
 }

@@ -3,9 +3,10 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "io/json.h"
+#include "io/strict_json.h"
 
 namespace shardtune {
 
@@ -13,22 +14,32 @@ struct PeftConfig {
   std::string method = "none";  // lora adapter adaptformer vpt_shallow vpt_deep prefix bitfit ln_tune ssf fact_tt linear full none
   std::string targets;          // "a,b" (exact or .suffix matches) or "re:<regex>"; empty: the method's default
   std::string exclude;          // same syntax; removes matches
-  std::string qkv_parts = "q,v";  // LoRA on a fused attn.qkv: which of q, k, v
+  std::string qkv_parts = "q,v";  // LoRA on a fused attn.qkv: which of q, k, v, or "all" (one pair over the whole qkv)
   int64_t rank = 8;             // LoRA / FacT rank
-  double alpha = 8;             // LoRA scaling = alpha / rank
+  double alpha = 8;             // LoRA scaling = alpha / rank (alpha / sqrt(rank) with rslora)
+  // LoRA per module, as PEFT's rank_pattern / alpha_pattern: the first key (a regex) that
+  // matches the end of a module's path after a '.' gives its rank / alpha.
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  bool rslora = false;          // rank-stabilised LoRA (Kalajdzievski 2023): scaling = alpha / sqrt(rank)
   double dropout = 0;           // LoRA input dropout
   int64_t bottleneck = 8;       // adapter / adaptformer width
   int64_t prompt_len = 10;      // vpt / prefix tokens
   std::optional<double> scale;  // adaptformer (default 0.1), fact_tt (default 1)
   bool train_head = true;       // the classifier head trains for every method but none
+  std::string init_adapter;     // train: an adapter directory (ShardTune's or Hugging Face PEFT's LoRA) to start from
 
   double scale_or(double fallback) const { return scale.value_or(fallback); }
-  json::Value to_json() const;
+  json::Json to_json() const;  // init_adapter is a run's input, not part of the adapter: left out
   // Throws std::invalid_argument naming the key when a field is missing or malformed.
-  static PeftConfig from_json(const json::Value& v, const std::string& source);
+  static PeftConfig from_json(const json::Json& v, const std::string& source);
 };
 
 // "a, b,c" -> {"a", "b", "c"} (trimmed, empties dropped).
 std::vector<std::string> split_list(const std::string& s);
+
+// "attn.qkv:16, mlp.fc1:4" -> {{"attn.qkv", "16"}, {"mlp.fc1", "4"}}: the last ':' of an item
+// splits it. Throws std::invalid_argument naming `key` for an item without one.
+std::vector<std::pair<std::string, std::string>> split_pairs(const std::string& s, const std::string& key);
 
 }  // namespace shardtune

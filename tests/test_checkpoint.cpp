@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <fstream>
 
-#include "io/json.h"
+#include "io/strict_json.h"
 #include "models/checkpoint.h"
 #include "models/vit.h"
 #include "tests/tiny.h"
@@ -180,20 +180,18 @@ TEST(Checkpoint, ShardedIndexLoads) {
       second(state.begin() + 10, state.end());
   save_tensors(dir + "/model-00001-of-00002.safetensors", first);
   save_tensors(dir + "/model-00002-of-00002.safetensors", second);
-  json::Value map;
-  for (auto& [k, _] : first) map.set(k, "model-00001-of-00002.safetensors");
-  for (auto& [k, _] : second) map.set(k, "model-00002-of-00002.safetensors");
-  json::Value index;
-  index.set("metadata", json::Value(json::Value::Object{}));
-  index.set("weight_map", map);
+  json::Json map = json::Json::object();
+  for (auto& [k, _] : first) map[k] = "model-00001-of-00002.safetensors";
+  for (auto& [k, _] : second) map[k] = "model-00002-of-00002.safetensors";
+  json::Json index = {{"metadata", json::Json::object()}, {"weight_map", map}};
   std::ofstream(dir + "/model.safetensors.index.json") << index.dump(2);
   load_state(*b, CheckpointReader(dir));  // a directory finds its index
   torch::Tensor x = torch::randn({2, 1, 28, 28});
   EXPECT_TRUE(torch::equal(logits_of(a, x), logits_of(b, x)));
 
   // An index that points a tensor at the wrong shard is an error naming it.
-  map.set("norm.bias", "model-00001-of-00002.safetensors");
-  index.set("weight_map", map);
+  map["norm.bias"] = "model-00001-of-00002.safetensors";
+  index["weight_map"] = map;
   std::ofstream(dir + "/model.safetensors.index.json") << index.dump(2);
   try {
     CheckpointReader r(dir);

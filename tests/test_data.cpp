@@ -421,5 +421,9 @@ TEST(Datasets, ClassNamesFile) {
   EXPECT_EQ(read_class_names((dir / "classes.json").string()), (std::vector<std::string>{"cat", "dog \"x\""}));
   EXPECT_TRUE(read_class_names((dir / "none.json").string()).empty());
   std::ofstream(dir / "bad.json") << "{";
-  EXPECT_NE(error_of([&] { read_class_names((dir / "bad.json").string()); }).find("bad.json: not a JSON array"), std::string::npos);
+  EXPECT_NE(error_of([&] { read_class_names((dir / "bad.json").string()); }).find("bad.json: malformed JSON: parse error"),
+            std::string::npos);
+  std::ofstream(dir / "object.json") << R"({"0": "cat"})";
+  EXPECT_NE(error_of([&] { read_class_names((dir / "object.json").string()); }).find("object.json: not a JSON array"),
+            std::string::npos);
 }

@@ -12,6 +12,7 @@
 //       the first N_TRAIN training and N_TEST test images of a Fashion-MNIST IDX folder, ordered
 //       by label (stable), twice: as PNGs in OUT/png/{train,test}/<k>_<name>/<i>.png (with
 //       OUT/png/{train,test}.txt list files of the same order) and as IDX files in OUT/idx
+//   make-peft-lora, peft-merge: tools/peft_reference.cpp
 //   transform FILE KIND INTERP SIZE CHANS OUT.f32
 //       FILE decoded and put through data.transform KIND (mean 0, std 1; timm_train with
 //       seed 0) as raw float32 [C, SIZE, SIZE]; `decode` as KIND: the decoded bytes [H, W, C];
@@ -39,6 +40,9 @@
 #include "peft/method.h"
 
 using namespace shardtune;
+
+int make_peft_lora(char** a);  // tools/peft_reference.cpp
+int peft_merge(char** a);
 
 namespace {
 
@@ -192,6 +196,8 @@ int main(int argc, char** argv) {
     if (cmd == "make-input" && argc == 9) return make_input(argv + 2);
     if (cmd == "make-adapter" && argc == 6) return make_adapter(argv + 2);
     if (cmd == "compare" && argc == 6) return compare(argv + 2);
+    if (cmd == "make-peft-lora" && argc == 7) return make_peft_lora(argv + 2);
+    if (cmd == "peft-merge" && argc == 5) return peft_merge(argv + 2);
     if (cmd == "image-folder" && argc == 6) return image_folder(argv + 2);
     if (cmd == "transform" && argc >= 8 && (argc - 2) % 6 == 0) return transform(argc - 2, argv + 2);
   } catch (const std::exception& e) {
@@ -200,6 +206,8 @@ int main(int argc, char** argv) {
   }
   std::cerr << "usage: shardtune_testkit make-input IMAGES LABELS N SIZE CHANS MEAN,STD OUT\n"
                "       shardtune_testkit make-adapter CONFIG.ini METHOD DIR SEED\n"
+               "       shardtune_testkit make-peft-lora CONFIG.ini DIR SEED RSLORA list|regex\n"
+               "       shardtune_testkit peft-merge BACKBONE.safetensors ADAPTER_DIR OUT.safetensors\n"
                "       shardtune_testkit compare A.safetensors B.safetensors TENSOR RTOL\n"
                "       shardtune_testkit image-folder IDX_ROOT OUT N_TRAIN N_TEST\n"
                "       shardtune_testkit transform FILE KIND|decode INTERP SIZE CHANS OUT [FILE KIND ...]\n";

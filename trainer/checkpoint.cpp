@@ -15,7 +15,7 @@
 
 #include "common/log.h"
 #include "io/atomic_file.h"
-#include "io/json.h"
+#include "io/strict_json.h"
 #include "models/checkpoint.h"
 #include "peft/adapter_io.h"
 
@@ -76,19 +76,13 @@ std::vector<std::string> files_under(const fs::path& dir) {
 }
 
 void write_manifest(const fs::path& dir, int64_t step) {
-  json::Value files{json::Value::Object{}};
+  json::Json files = json::Json::object();
   for (const auto& rel : files_under(dir)) {
     auto [crc, size] = crc_and_size(dir / rel);
-    json::Value f;
-    f.set("bytes", size);
-    f.set("crc32", crc);
-    files.set(rel, f);
+    files[rel] = {{"bytes", size}, {"crc32", crc}};
   }
-  json::Value m;
-  m.set("format_version", kFormatVersion);
-  m.set("step", step);
-  m.set("files", files);
-  io::write_text_atomically((dir / kManifest).string(), m.dump(2) + "\n");
+  const json::Json m = {{"format_version", kFormatVersion}, {"step", step}, {"files", files}};
+  io::write_text_atomically((dir / kManifest).string(), json::dump(m, 2) + "\n");
 }
 
 // step_N directories under `root` (temporaries excluded), newest first.
@@ -127,9 +121,9 @@ void prune(const fs::path& root, int64_t keep) {
   }
 }
 
-int64_t load_format1_optimizer(const std::string& dir, torch::optim::Optimizer* opt, const json::Value& state,
+int64_t load_format1_optimizer(const std::string& dir, torch::optim::Optimizer* opt, const json::Json& state,
                                const Mesh& mesh) {
-  const int64_t pp = state.find("pp") ? state.at("pp").as_int64() : 1;
+  const int64_t pp = state.contains("pp") ? json::to_int64(state["pp"]) : 1;
   if (pp != mesh.dims.pp)
     throw std::invalid_argument(dir + ": checkpoint written with parallel.pp=" + std::to_string(pp) +
                                 ", this run uses parallel.pp=" + std::to_string(mesh.dims.pp) +
@@ -190,11 +184,8 @@ void save_checkpoint(const RunSpec& spec, const StageModel& b, torch::optim::Opt
     save_adapter((tmp / "adapter").string(), PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
     save_tensors((tmp / kOptimizer).string(), optim);
     save_tensors((tmp / "rng.safetensors").string(), {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
-    json::Value state;
-    state.set("step", step);
-    state.set("method", spec.peft.method);
-    state.set("format_version", kFormatVersion);
-    io::write_text_atomically((tmp / "trainer_state.json").string(), state.dump(2) + "\n");
+    const json::Json state = {{"step", step}, {"method", spec.peft.method}, {"format_version", kFormatVersion}};
+    io::write_text_atomically((tmp / "trainer_state.json").string(), json::dump(state, 2) + "\n");
     // Last: the checkpoint is complete once this is on disk. Its CRCs come from reading every
     // file back after its fsync, which is the check before anything older is pruned.
     write_manifest(tmp, step);
@@ -232,17 +223,20 @@ std::string verify_checkpoint(const std::string& dir_str) {
   const fs::path manifest = dir / kManifest;
   if (!fs::exists(manifest)) return manifest.string() + " is missing (the checkpoint is incomplete)";
   try {
-    json::Value m = json::parse(io::read_text(manifest.string()));
+    const json::Json m = json::parse(io::read_text(manifest.string()));
     std::vector<std::string> listed;
-    for (const auto& [rel, f] : m.at("files").as_object()) {
+    const json::Json& files = json::at(m, "files");
+    if (!files.is_object()) return manifest.string() + ": \"files\" is not an object";
+    for (const auto& [rel, f] : files.items()) {
       listed.push_back(rel);
       const fs::path file = dir / rel;
       if (!fs::exists(file)) return file.string() + " is missing";
       auto [crc, size] = crc_and_size(file);
-      if (size != f.at("bytes").as_uint64())
-        return file.string() + " has " + std::to_string(size) + " bytes, the manifest says " +
-               std::to_string(f.at("bytes").as_uint64()) + " (truncated?)";
-      if (crc != f.at("crc32").as_uint64()) return file.string() + " does not match its CRC-32 in the manifest (corrupted)";
+      const uint64_t bytes = json::to_uint64(json::at(f, "bytes"));
+      if (size != bytes)
+        return file.string() + " has " + std::to_string(size) + " bytes, the manifest says " + std::to_string(bytes) +
+               " (truncated?)";
+      if (crc != json::to_uint64(json::at(f, "crc32"))) return file.string() + " does not match its CRC-32 in the manifest (corrupted)";
     }
     std::sort(listed.begin(), listed.end());
     for (const auto& rel : {std::string("trainer_state.json"), std::string(kOptimizer)})
@@ -270,9 +264,10 @@ std::string resume_path(const RunSpec& spec, bool log) {
 
 int64_t load_checkpoint(const std::string& dir, StageModel& b, torch::optim::Optimizer* opt, const RunSpec& spec,
                         const Mesh& mesh) {
-  json::Value state = json::parse(io::read_text(dir + "/trainer_state.json"));
-  if (state.at("method").as_string() != spec.peft.method)
-    throw std::invalid_argument(dir + ": checkpoint of peft.method=" + state.at("method").as_string() +
+  const json::Json state = json::read_file(dir + "/trainer_state.json");
+  const std::string& method = json::to_string(json::at(state, "method"));
+  if (method != spec.peft.method)
+    throw std::invalid_argument(dir + ": checkpoint of peft.method=" + method +
                                 ", this run uses peft.method=" + spec.peft.method);
   if (is_format1(dir)) {
     load_format1_optimizer(dir, opt, state, mesh);
@@ -283,7 +278,7 @@ int64_t load_checkpoint(const std::string& dir, StageModel& b, torch::optim::Opt
                        keys_of_other_stages(StagePart::of(spec.model, mesh.pp_rank(), mesh.dims.pp), kAdapterKeyPrefix));
   at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
   gen.set_state(CheckpointReader(dir + "/rng.safetensors").read("cpu", torch::kUInt8));
-  return state.at("step").as_int64();
+  return json::to_int64(json::at(state, "step"));
 }
 
 // --- the output.dir lock --------------------------------------------------------------------

@@ -11,7 +11,7 @@
 #include "data/decode.h"
 #include "data/imagefolder.h"
 #include "data/transforms.h"
-#include <nlohmann/json.hpp>
+#include "io/strict_json.h"
 
 #include <filesystem>
 #include <fstream>
@@ -148,14 +148,14 @@ std::vector<double> channel_stats(const DataConfig& cfg, bool mean, int64_t chan
 }
 
 void write_class_names(const std::string& path, const std::vector<std::string>& names) {
-  io::write_text_atomically(path, nlohmann::json(names).dump(1) + "\n");
+  io::write_text_atomically(path, json::dump(json::Json(names), 1) + "\n");
 }
 
 std::vector<std::string> read_class_names(const std::string& path) {
   if (!std::filesystem::exists(path)) return {};
-  std::ifstream in(path);
+  const json::Json v = json::read_file(path);  // malformed JSON: an error naming the file
   try {
-    return nlohmann::json::parse(in).get<std::vector<std::string>>();
+    return v.get<std::vector<std::string>>();
   } catch (const std::exception& e) {
     throw std::runtime_error(path + ": not a JSON array of class names: " + e.what());
   }

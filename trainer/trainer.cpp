@@ -20,7 +20,7 @@
 #include "common/torch_device.h"
 #include "distributed/grad_sync.h"
 #include "io/atomic_file.h"
-#include "io/json.h"
+#include "io/strict_json.h"
 #include "models/checkpoint.h"
 #include "models/vit.h"
 #include "ops/ops.h"
@@ -148,7 +148,7 @@ class Metrics {
       std::ifstream in(path);
       for (std::string line; std::getline(in, line);) {
         try {
-          if (json::parse(line).at("step").as_int64() <= start_step) kept += line + "\n";
+          if (json::to_int64(json::at(json::parse(line), "step")) <= start_step) kept += line + "\n";
         } catch (const std::exception&) {  // a torn last line of a killed run
         }
       }
@@ -165,9 +165,9 @@ class Metrics {
   Metrics& operator=(const Metrics&) = delete;
   // A line is on disk (in the page cache) or the run stops naming the file: a full disk must
   // not go unnoticed until the checkpoint.
-  void write(const json::Value& line) {
+  void write(const json::Json& line) {
     if (!writer_) return;
-    const std::string text = line.dump() + "\n";
+    const std::string text = json::dump(line) + "\n";
     if (std::fwrite(text.data(), 1, text.size(), out_) != text.size() || std::fflush(out_) != 0)
       throw std::runtime_error(path_ + ": write failed: " + std::strerror(errno));
   }
@@ -229,7 +229,7 @@ void set_up(Run& r) {
     remove_stale_temporaries(spec.output.dir);
   }
   r.mesh.world->barrier();
-  r.b = build(spec, r.mesh);
+  r.b = build(spec, r.mesh, spec.peft.init_adapter);  // a resumed checkpoint's weights replace these later
   place_model(r.b, r.mesh);
   for (const auto& [_, t] : r.b.peft.trainable) r.params.push_back(t);
   if (!r.params.empty())
@@ -323,12 +323,12 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
 
 // Test (and val) top-1 into metrics.jsonl (all ranks call it).
 void evaluate(Run& r, int64_t step, Metrics& metrics) {
-  json::Value ev;
-  ev.set("step", step);
-  ev.set("eval_top1", top1(r.b, r.data.test, r.spec, r.mesh));
-  if (r.data.val.size() > 0) ev.set("val_top1", top1(r.b, r.data.val, r.spec, r.mesh));
+  json::Json ev;
+  ev["step"] = step;
+  ev["eval_top1"] = top1(r.b, r.data.test, r.spec, r.mesh);
+  if (r.data.val.size() > 0) ev["val_top1"] = top1(r.b, r.data.val, r.spec, r.mesh);
   metrics.write(ev);
-  spdlog::info("step {}: eval top-1 {:.4f}", step, ev.at("eval_top1").as_double());
+  spdlog::info("step {}: eval top-1 {:.4f}", step, ev["eval_top1"].get<double>());
 }
 
 // summary.json's GPU figures (rank 0): the device, its peak memory (LibTorch's caching
@@ -336,20 +336,20 @@ void evaluate(Run& r, int64_t step, Metrics& metrics) {
 // (forward per image x batch x 3 for full fine-tuning, x 2 with a frozen backbone: no weight
 // gradients) over the step time and every rank's dense bf16 peak (bf16_peak_flops; null for
 // a GPU missing from its table).
-void add_device_figures(json::Value& summary, const Run& r, double step_time_s, double peak_device_bytes) {
+void add_device_figures(json::Json& summary, const Run& r, double step_time_s, double peak_device_bytes) {
   const RunSpec& spec = r.spec;
   const std::string name = torch_device::name(r.mesh.device.index);
-  summary.set("device", r.mesh.device.str());
-  summary.set("device_name", name);
-  summary.set("backend", backend_name(r.mesh.backend));
-  summary.set("peak_device_memory_mb", peak_device_bytes / 1e6);
+  summary["device"] = r.mesh.device.str();
+  summary["device_name"] = name;
+  summary["backend"] = backend_name(r.mesh.backend);
+  summary["peak_device_memory_mb"] = peak_device_bytes / 1e6;
   const double flops = spec.model.forward_flops_per_image() * static_cast<double>(spec.data.batch_size) *
                        (spec.peft.method == "full" ? 3.0 : 2.0);
-  summary.set("model_tflops_per_step", flops / 1e12);
+  summary["model_tflops_per_step"] = flops / 1e12;
   const auto peak = bf16_peak_flops(name);
-  summary.set("bf16_peak_tflops", peak ? json::Value(*peak / 1e12) : json::Value(nullptr));
+  summary["bf16_peak_tflops"] = peak ? json::Json(*peak / 1e12) : json::Json(nullptr);
   const bool known = peak && step_time_s > 0;
-  summary.set("mfu", known ? json::Value(flops / step_time_s / (*peak * r.mesh.dims.world)) : json::Value(nullptr));
+  summary["mfu"] = known ? json::Json(flops / step_time_s / (*peak * r.mesh.dims.world)) : json::Json(nullptr);
 }
 
 // The final evaluation, adapter and summary.json (all ranks call it; rank 0 writes).
@@ -369,49 +369,49 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
   const double skipped = reduce(*mesh.world, static_cast<double>(r.data.train.skipped->count()), ReduceOp::Max);
   auto adapter = gather_trainable(r.b, mesh);
   if (r.rank0) {
-    json::Value ev;
-    ev.set("step", step);
-    ev.set("eval_top1", test_top1);
-    if (r.data.val.size() > 0) ev.set("val_top1", val_top1);
+    json::Json ev;
+    ev["step"] = step;
+    ev["eval_top1"] = test_top1;
+    if (r.data.val.size() > 0) ev["val_top1"] = val_top1;
     metrics.write(ev);
     save_adapter(spec.output.dir + "/adapter", PeftState{spec.peft.method, adapter, {}}, spec.peft, spec.model);
     write_class_names(spec.output.dir + "/classes.json", r.data.train.class_names);
     write_class_names(spec.output.dir + "/adapter/classes.json", r.data.train.class_names);
     if (spec.peft.method == "full")  // a pretrained backbone in timm naming (every tensor is trainable)
       save_tensors(spec.output.dir + "/backbone.safetensors", adapter, {{"format", "pt"}});
-    json::Value summary;
-    summary.set("eval_top1", test_top1);
-    summary.set("val_top1", r.data.val.size() > 0 ? json::Value(val_top1) : json::Value(nullptr));
-    summary.set("trainable_params", r.trainable_params);
-    summary.set("total_params", static_cast<int64_t>(spec.model.param_count()));
-    summary.set("steps", step);
+    json::Json summary;
+    summary["eval_top1"] = test_top1;
+    summary["val_top1"] = r.data.val.size() > 0 ? json::Json(val_top1) : json::Json(nullptr);
+    summary["trainable_params"] = r.trainable_params;
+    summary["total_params"] = static_cast<int64_t>(spec.model.param_count());
+    summary["steps"] = step;
     const double st = median(step_times);
-    summary.set("step_time_s", st);
-    summary.set("images_per_sec", st > 0 ? static_cast<double>(spec.data.batch_size) / st : 0.0);
-    summary.set("peak_rss_mb", rss);
-    summary.set("grad_sync_bytes_per_step", r.sync->bytes_per_step());
-    summary.set("pipeline_wait_fraction", wait_fraction);
-    summary.set("pipeline_bubble_ideal", ideal_bubble(mesh.dims.pp, static_cast<int>(r.microbatches)));
-    summary.set("checkpoint_bytes_read_max_rank", loaded_bytes);
-    summary.set("data_wait_fraction", data_wait);  // share of the step time spent waiting for the loader (max rank)
-    summary.set("skipped_images", static_cast<int64_t>(skipped));
-    json::Value mj;
-    mj.set("dp", mesh.dims.dp);
-    mj.set("tp", mesh.dims.tp);
-    mj.set("pp", mesh.dims.pp);
-    mj.set("microbatches", r.microbatches);
-    mj.set("schedule", spec.schedule);
-    summary.set("mesh", mj);
-    summary.set("precision", spec.train.precision);
+    summary["step_time_s"] = st;
+    summary["images_per_sec"] = st > 0 ? static_cast<double>(spec.data.batch_size) / st : 0.0;
+    summary["peak_rss_mb"] = rss;
+    summary["grad_sync_bytes_per_step"] = r.sync->bytes_per_step();
+    summary["pipeline_wait_fraction"] = wait_fraction;
+    summary["pipeline_bubble_ideal"] = ideal_bubble(mesh.dims.pp, static_cast<int>(r.microbatches));
+    summary["checkpoint_bytes_read_max_rank"] = loaded_bytes;
+    summary["data_wait_fraction"] = data_wait;  // share of the step time spent waiting for the loader (max rank)
+    summary["skipped_images"] = static_cast<int64_t>(skipped);
+    json::Json mj;
+    mj["dp"] = mesh.dims.dp;
+    mj["tp"] = mesh.dims.tp;
+    mj["pp"] = mesh.dims.pp;
+    mj["microbatches"] = r.microbatches;
+    mj["schedule"] = spec.schedule;
+    summary["mesh"] = mj;
+    summary["precision"] = spec.train.precision;
     {
       const nlohmann::json kernels = r.b.model->ops->report();  // what ops/ chose, and the measured times
-      summary.set("frozen_gemm", kernels.value("frozen_gemm", ""));
-      summary.set("bf16_kernels", kernels.value("bf16_kernels", false));
-      summary.set("kernels", json::parse(kernels.dump()));
+      summary["frozen_gemm"] = kernels.value("frozen_gemm", "");
+      summary["bf16_kernels"] = kernels.value("bf16_kernels", false);
+      summary["kernels"] = kernels;
     }
-    summary.set("method", spec.peft.method);
+    summary["method"] = spec.peft.method;
     if (mesh.device.cuda()) add_device_figures(summary, r, st, peak_device_bytes);
-    io::write_text_atomically(spec.output.dir + "/summary.json", summary.dump(2) + "\n");
+    io::write_text_atomically(spec.output.dir + "/summary.json", json::dump(summary, 2) + "\n");
   }
   spdlog::info("done: eval top-1 {:.4f} on {} test images; outputs in {}", test_top1, r.data.test.size(), spec.output.dir);
   return test_top1;
@@ -457,12 +457,12 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     if (step == first_step + 1) r.b.model->ops->log_choices();  // the step's kernels are all chosen now
 
     const double ips = static_cast<double>(spec.data.batch_size) / secs;
-    json::Value line;
-    line.set("step", step);
-    line.set("loss", s.loss);
-    line.set("lr", s.lr);
-    line.set("grad_norm", s.grad_norm);
-    line.set("images_per_sec", ips);
+    json::Json line;
+    line["step"] = step;
+    line["loss"] = s.loss;
+    line["lr"] = s.lr;
+    line["grad_norm"] = s.grad_norm;
+    line["images_per_sec"] = ips;
     metrics.write(line);
     const double eta = median(step_times.empty() ? std::vector<double>{secs} : step_times) * static_cast<double>(r.total - step);
     if (tty) {
@@ -505,11 +505,11 @@ double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, con
   const double acc = top1(b, data.test, s, mesh);
   if (mesh.rank == 0) {
     fs::create_directories(s.output.dir);
-    json::Value out;
-    out.set("eval_top1", acc);
-    out.set("images", data.test.size());
-    out.set("adapter", adapter_dir);
-    io::write_text_atomically(s.output.dir + "/eval.json", out.dump(2) + "\n");
+    json::Json out;
+    out["eval_top1"] = acc;
+    out["images"] = data.test.size();
+    out["adapter"] = adapter_dir;
+    io::write_text_atomically(s.output.dir + "/eval.json", json::dump(out, 2) + "\n");
   }
   spdlog::info("eval top-1 {:.4f} on {} test images ({} adapter from {})", acc, data.test.size(), a.peft.method,
                adapter_dir);

@@ -2,18 +2,26 @@
 // A [r, in] ~ U(+-1/sqrt(in)) as torch.nn.Linear, B [rows, r] = 0, so step 0 equals the
 // base model. On a fused attn.qkv the update covers only the parts in peft.qkv_parts
 // (q and v by default, as in the VTAB-1k LoRA results), one (A, B) pair per part, named
-// lora_A_q / lora_B_q; elsewhere one pair over all rows, named lora_A / lora_B.
+// lora_A_q / lora_B_q; elsewhere (and on qkv with qkv_parts=all) one pair over all rows,
+// named lora_A / lora_B as Hugging Face PEFT names them. r and alpha may differ per module
+// (peft.rank_pattern / alpha_pattern); alpha / sqrt(r) with peft.rslora.
 //
 // Over a tensor-parallel base every rank keeps the full A and B and uses its part: over a
 // column-parallel base A whole and B's rows of this rank's outputs; over a row-parallel
 // base A's columns of this rank's inputs and B whole, the update added to the partial
 // output before the all-reduce. Both enter the region through f, so their gradients are
 // summed over the tp group.
+#include "peft/lora/lora.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
+#include <cmath>
+#include <regex>
 #include <stdexcept>
 
 #include "peft/method.h"
+#include "peft/targets.h"
 
 namespace shardtune {
 
@@ -98,8 +106,9 @@ struct LoraAddInPlace : torch::autograd::Function<LoraAddInPlace> {
 };
 
 struct LoraLinear : Op, Mergeable {
-  LoraLinear(std::shared_ptr<Op> base_op, const PeftConfig& cfg, const std::vector<std::pair<std::string, int64_t>>& parts)
-      : scaling(cfg.alpha / static_cast<double>(cfg.rank)), dropout_p(cfg.dropout) {
+  LoraLinear(std::shared_ptr<Op> base_op, const LoraShape& shape, double dropout,
+             const std::vector<std::pair<std::string, int64_t>>& parts)
+      : scaling(shape.scaling), dropout_p(dropout) {
     base = register_module("base_layer", std::move(base_op));
     dense = dynamic_cast<DenseLinear*>(base.get());
     if (!dense) throw std::logic_error("LoRA wraps a plain Linear");
@@ -108,8 +117,8 @@ struct LoraLinear : Op, Mergeable {
     auto add_pair = [&](const std::string& suffix, int64_t offset) {
       auto a = register_module("lora_A" + suffix, std::make_shared<torch::nn::Module>());
       auto b = register_module("lora_B" + suffix, std::make_shared<torch::nn::Module>());
-      LoraPair p{offset, rows, a->register_parameter("weight", torch::empty({cfg.rank, in})),
-                 b->register_parameter("weight", torch::zeros({rows, cfg.rank}))};
+      LoraPair p{offset, rows, a->register_parameter("weight", torch::empty({shape.rank, in})),
+                 b->register_parameter("weight", torch::zeros({rows, shape.rank}))};
       kaiming_uniform_linear_(p.A);
       pairs.push_back(p);
     };
@@ -161,18 +170,13 @@ struct Lora : Method {
     if (cfg.rank <= 0) throw std::invalid_argument("peft.rank=" + std::to_string(cfg.rank) + " must be positive");
     if (cfg.dropout < 0 || cfg.dropout >= 1)
       throw std::invalid_argument("peft.dropout=" + std::to_string(cfg.dropout) + " must be in [0, 1)");
-    std::vector<std::pair<std::string, int64_t>> parts;
-    for (const auto& p : split_list(cfg.qkv_parts)) {
-      int64_t index = p == "q" ? 0 : p == "k" ? 1 : p == "v" ? 2 : -1;
-      if (index < 0) throw std::invalid_argument("peft.qkv_parts=" + cfg.qkv_parts + ": '" + p + "' is not q, k or v");
-      parts.emplace_back(p, index);
-    }
-    if (parts.empty()) throw std::invalid_argument("peft.qkv_parts is empty");
+    const auto parts = qkv_parts(cfg.qkv_parts);
+    reject_other_kinds(model, cfg);
     ParamList owned;
     for (const Slot& s : target_slots(model, cfg, "attn.qkv", {Slot::Kind::Linear})) {
       seed_peft_init(s.path);
       bool fused_qkv = s.name == "qkv";
-      auto layer = std::make_shared<LoraLinear>(*s.member, cfg,
+      auto layer = std::make_shared<LoraLinear>(*s.member, lora_shape(cfg, s.path), cfg.dropout,
                                                 fused_qkv ? parts : std::vector<std::pair<std::string, int64_t>>{});
       for (const auto& p : layer->pairs) {
         owned.push_back(p.A);
@@ -182,9 +186,65 @@ struct Lora : Method {
     }
     return owned;
   }
+
+  // A target that names a LayerNorm or the head is an error, not a silent "matches no module".
+  static void reject_other_kinds(VisionTransformerImpl& model, const PeftConfig& cfg) {
+    if (cfg.targets.empty()) return;
+    std::vector<std::string> others;
+    for (const Slot& s : slots(model))
+      if (s.kind != Slot::Kind::Linear || s.path == "head") others.push_back(s.path);
+    const auto hit = match_targets(others, cfg.targets, "", /*require_match=*/false);
+    if (!hit.empty())
+      throw std::invalid_argument("peft.targets=" + cfg.targets + " names " + hit.front() +
+                                  (hit.front() == "head" ? ", the classifier head (train it with peft.train_head)"
+                                                         : ", which is not a Linear layer") +
+                                  ": LoRA wraps the blocks' Linear layers (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)");
+  }
 };
 
 }  // namespace
+
+bool pattern_matches(const std::string& key, const std::string& path) {
+  try {
+    return std::regex_match(path, std::regex("(.*\\.)?(" + key + ")"));
+  } catch (const std::regex_error& e) {
+    throw std::invalid_argument("LoRA pattern key '" + key + "' is not a valid regex: " + e.what());
+  }
+}
+
+LoraShape lora_shape(const PeftConfig& cfg, const std::string& path) {
+  LoraShape s{cfg.rank, cfg.alpha, 0};
+  for (const auto& [key, r] : cfg.rank_pattern)
+    if (pattern_matches(key, path)) {
+      s.rank = r;
+      break;
+    }
+  for (const auto& [key, a] : cfg.alpha_pattern)
+    if (pattern_matches(key, path)) {
+      s.alpha = a;
+      break;
+    }
+  if (s.rank <= 0)
+    throw std::invalid_argument("peft.rank_pattern gives " + path + " rank " + std::to_string(s.rank) +
+                                ": it must be positive");
+  s.scaling = s.alpha / (cfg.rslora ? std::sqrt(static_cast<double>(s.rank)) : static_cast<double>(s.rank));
+  return s;
+}
+
+std::vector<std::pair<std::string, int64_t>> qkv_parts(const std::string& spec) {
+  if (spec == "all") return {};
+  std::vector<std::pair<std::string, int64_t>> parts;
+  for (const auto& p : split_list(spec)) {
+    const int64_t index = p == "q" ? 0 : p == "k" ? 1 : p == "v" ? 2 : -1;
+    if (index < 0) throw std::invalid_argument("peft.qkv_parts=" + spec + ": '" + p + "' is not q, k, v or all");
+    for (const auto& [_, i] : parts)
+      if (i == index) throw std::invalid_argument("peft.qkv_parts=" + spec + ": '" + p + "' is named twice");
+    parts.emplace_back(p, index);
+  }
+  if (parts.empty()) throw std::invalid_argument("peft.qkv_parts is empty (q, k, v or all)");
+  std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  return parts;
+}
 
 void register_lora(MethodRegistry& r) { r.add("lora", std::make_unique<Lora>()); }
 
