@@ -38,12 +38,13 @@ Json parse(std::string_view text, int max_depth) {
   };
   try {
     return Json::parse(text.begin(), text.end(), check);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number past a double
     // "[json.exception.parse_error.101] parse error at line 1, column 4: syntax error ..." ->
     // from "parse error" on: the id is noise to a user.
     std::string what = e.what();
-    const size_t at = what.find("parse error");
-    throw ParseError(at == std::string::npos ? what : what.substr(at));
+    const size_t at = what.find("parse error"), id_end = what.find("] ");
+    throw ParseError(at != std::string::npos ? what.substr(at)
+                                             : id_end != std::string::npos ? what.substr(id_end + 2) : what);
   }
 }
 

@@ -119,13 +119,20 @@ PeftConfig peft_for_init(const PeftConfig& run, const AdapterConfig& adapter) {
                                 adapter.peft.method + " adapter (leave peft.method out, or make them agree)");
   PeftConfig p = adapter.peft;  // the method and its shape come from the adapter
   p.init_adapter = run.init_adapter;
+  p.dropout = run.dropout;  // how to train is the run's
+  p.train_head = adapter.peft.train_head || run.train_head;  // a head the adapter lacks starts from its init
   return p;
 }
 
-void load_adapter_weights(const std::string& dir, const PeftState& state, const KeyFilter& elsewhere) {
+void load_adapter_weights(const std::string& dir, const PeftState& all, const KeyFilter& elsewhere) {
   const std::string file = dir + "/adapter_model.safetensors";
   CheckpointReader reader(file);
   const AdapterConfig cfg = read_adapter_config(dir);
+  // A trained head that the adapter does not hold (peft.init_adapter from one without
+  // modules_to_save) keeps its initialisation.
+  PeftState state;
+  for (const auto& [name, t] : all.trainable)
+    if (cfg.peft.train_head || name.rfind("head.", 0) != 0) state.trainable.emplace_back(name, t);
   torch::NoGradGuard no_grad;
   if (cfg.format == kAdapterFormatVersion && cfg.peft.method == "lora" && cfg.peft.qkv_parts != "all") {
     // PEFT's stacked qkv pairs back to ShardTune's q/k/v pairs: small tensors, read whole.

@@ -46,11 +46,13 @@ AdapterConfig read_adapter_config(const std::string& dir);
 void check_adapter_fits(const AdapterConfig& adapter, const ViTConfig& model, const std::string& dir);
 
 // The [peft] keys a run trains with when it starts from `adapter` (peft.init_adapter): the
-// adapter's method and shape (targets, ranks, alphas, parts, head), the run's own dropout.
+// adapter's method and shape (targets, ranks, alphas, parts), the run's own dropout; the head
+// trains when the adapter holds one or peft.train_head says so (from its initialisation then).
+// A peft.method other than the adapter's (or none) is an error naming both.
 PeftConfig peft_for_init(const PeftConfig& run, const AdapterConfig& adapter);
 
 // Copies DIR/adapter_model.safetensors into the trainable parameters of an injected
-// model. Missing keys, unexpected keys and shape mismatches are listed in one error.
+// model (a head the adapter's config says it does not hold is left as it is). Missing keys, unexpected keys and shape mismatches are listed in one error.
 // Keys `elsewhere` accepts (full keys, other pipeline stages' tensors) are not unexpected.
 void load_adapter_weights(const std::string& dir, const PeftState& state, const KeyFilter& elsewhere = nullptr);
 

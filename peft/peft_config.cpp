@@ -30,9 +30,11 @@ std::vector<std::pair<std::string, std::string>> split_pairs(const std::string& 
 }
 
 json::Json PeftConfig::to_json() const {
-  json::Json ranks = json::Json::object(), alphas = json::Json::object();
-  for (const auto& [k, v] : rank_pattern) ranks[k] = v;
-  for (const auto& [k, v] : alpha_pattern) alphas[k] = v;
+  // [[key, value], ...]: the first matching key wins, so the order must survive a writer that
+  // sorts object keys (adapter_config.json is written sorted, as PEFT writes it).
+  json::Json ranks = json::Json::array(), alphas = json::Json::array();
+  for (const auto& [k, v] : rank_pattern) ranks.push_back({k, v});
+  for (const auto& [k, v] : alpha_pattern) alphas.push_back({k, v});
   return {{"method", method},
           {"targets", targets},
           {"exclude", exclude},
@@ -70,10 +72,15 @@ PeftConfig PeftConfig::from_json(const json::Json& v, const std::string& source)
     c.train_head = json::to_bool(field(reading = "train_head"));
     // Since format 2 (older adapters have none of these: plain LoRA).
     if (v.contains(reading = "rslora")) c.rslora = json::to_bool(v[reading]);
-    if (v.contains(reading = "rank_pattern"))
-      for (const auto& [k, r] : v[reading].items()) c.rank_pattern.emplace_back(k, json::to_int64(r));
-    if (v.contains(reading = "alpha_pattern"))
-      for (const auto& [k, a] : v[reading].items()) c.alpha_pattern.emplace_back(k, json::to_double(a));
+    auto pairs = [&](const char* key, auto& out, auto read) {
+      if (!v.contains(reading = key)) return;
+      for (const auto& kv : v[key]) {
+        if (!kv.is_array() || kv.size() != 2) throw std::runtime_error(json::dump(kv) + " is not a [key, value] pair");
+        out.emplace_back(json::to_string(kv[0]), read(kv[1]));
+      }
+    };
+    pairs("rank_pattern", c.rank_pattern, json::to_int64);
+    pairs("alpha_pattern", c.alpha_pattern, json::to_double);
   } catch (const std::invalid_argument&) {
     throw;
   } catch (const std::exception& e) {

@@ -102,7 +102,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadJson{"\"a\nb\"", "control character U+000A"}, BadJson{"01", "expected end of input"},
                       BadJson{"-", "expected digit after '-'"}, BadJson{"1.", "expected digit after '.'"},
                       BadJson{"\"\\ud800\"", "surrogate"}, BadJson{"tru", "invalid literal"},
-                      BadJson{"\"abc", "missing closing quote"}, BadJson{"\"\xff\"", "ill-formed UTF-8"}));
+                      BadJson{"\"abc", "missing closing quote"}, BadJson{"\"\xff\"", "ill-formed UTF-8"},
+                      BadJson{"[1e999]", "number overflow"}, BadJson{R"({"shape":[1e400]})", "number overflow"}));
 
 TEST(Json, AcceptsNestingUpToTheLimit) {
   EXPECT_NO_THROW(parse("[[[[[[[[1]]]]]]]]", 8));

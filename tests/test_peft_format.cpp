@@ -101,7 +101,7 @@ TEST(PeftFormat, ExportedLoraAppliedThePeftWayGivesTheModelsLogits) {
   qkv.rslora = true;
   qkv.targets = "attn.qkv,mlp.fc1,attn.proj";
   qkv.rank_pattern = {{"fc1", 2}, {"1.attn.proj", 3}};
-  qkv.alpha_pattern = {{"0.attn.qkv", 5}};
+  qkv.alpha_pattern = {{"qkv", 4}, {"0.attn.qkv", 5}};  // overlapping: the first wins, also after a save
   cases.push_back({"q,k,v rslora patterns", qkv});
   PeftConfig all = qv;
   all.qkv_parts = "all";
@@ -133,6 +133,8 @@ TEST(PeftFormat, ExportedLoraAppliedThePeftWayGivesTheModelsLogits) {
     ASSERT_EQ(sb.trainable.size(), s.trainable.size()) << what;
     for (size_t i = 0; i < s.trainable.size(); ++i)
       EXPECT_TRUE(torch::equal(sb.trainable[i].second, s.trainable[i].second)) << what << ": " << s.trainable[i].first;
+    back->eval();
+    EXPECT_TRUE(torch::equal(back->forward(x), m->forward(x))) << what;
   }
 }
 
@@ -253,6 +255,8 @@ TEST(PeftFormat, WhatCannotBeHonouredIsRefusedNamingTheKey) {
       {"r", 0, "F: r=0: the rank must be positive"},
       {"r", "8", "F: r=\"8\": \"8\" is not an integer"},
       {"use_rslora", 1, "F: use_rslora=1: 1 is not true or false"},
+      {"rank_pattern", {"fc1", 2}, "F: rank_pattern=[\"fc1\",2]: expected an object"},
+      {"init_lora_weights", "pissa", "F: init_lora_weights=\"pissa\": this initialisation also changes the base weights"},
   };
   for (const auto& [key, value, message] : cases) {
     nlohmann::json cfg = peft_made();

@@ -187,9 +187,10 @@ struct Lora : Method {
     return owned;
   }
 
-  // A target that names a LayerNorm or the head is an error, not a silent "matches no module".
+  // A target name that names a LayerNorm or the head is an error, not a silent "matches no
+  // module". (A regex picks the Linear layers among what it matches.)
   static void reject_other_kinds(VisionTransformerImpl& model, const PeftConfig& cfg) {
-    if (cfg.targets.empty()) return;
+    if (cfg.targets.empty() || cfg.targets.rfind("re:", 0) == 0) return;
     std::vector<std::string> others;
     for (const Slot& s : slots(model))
       if (s.kind != Slot::Kind::Linear || s.path == "head") others.push_back(s.path);

@@ -231,6 +231,8 @@ PeftConfig peft_lora_config(const json::Json& v, const std::string& source) {
     if (has(key = "lora_alpha")) c.alpha = json::to_double(v[key]);
     if (has(key = "lora_dropout")) c.dropout = json::to_double(v[key]);
     if (has(key = "use_rslora")) c.rslora = json::to_bool(v[key]);
+    for (const char* pattern : {"rank_pattern", "alpha_pattern"})
+      if (has(key = pattern) && !v[key].is_object()) throw std::runtime_error("expected an object of module pattern -> value");
     if (has(key = "rank_pattern"))
       for (const auto& [k, r] : v[key].items()) c.rank_pattern.emplace_back(k, json::to_int64(r));
     if (has(key = "alpha_pattern"))
@@ -270,6 +272,12 @@ PeftConfig peft_lora_config(const json::Json& v, const std::string& source) {
   if (has("lora_bias") && v["lora_bias"] != false) throw bad("lora_bias", "not supported");
   if (has("target_parameters") && !v["target_parameters"].empty()) throw bad("target_parameters", "not supported");
   if (has("use_qalora") && v["use_qalora"] != false) throw bad("use_qalora", "not supported");
+  // Initialisations that leave standard LoRA weights; PiSSA, OLoRA, CorDA, LoftQ change the base
+  // weights as well, which a file of A and B alone cannot carry.
+  if (has("init_lora_weights") && v["init_lora_weights"] != true && v["init_lora_weights"] != false &&
+      v["init_lora_weights"] != "gaussian" && v["init_lora_weights"] != "eva")
+    throw bad("init_lora_weights", "this initialisation also changes the base weights, which the adapter does not hold "
+                                   "(convert it to a plain LoRA with PEFT first)");
   c.train_head = false;
   if (has("modules_to_save")) {
     const json::Json& m = v["modules_to_save"];

@@ -50,6 +50,10 @@ for key in '"base_model.model.blocks.0.attn.qkv.lora_A.weight":{"dtype":"F32","s
   if grep -aqF -- "$key" "$work/qv/adapter/adapter_model.safetensors"; then pass "export holds $key"; else failed "export lacks $key"; fi
 done
 same_logits export_qv "$work/qv/adapter"
+for mesh in "2 1 2" "4 2 2"; do  # the stacked pairs split back on every stage and tp rank
+  read -r n tp pp <<<"$mesh"
+  same_logits "export_qv_${n}_${tp}_${pp}" "$work/qv/adapter" "$n" "$tp" "$pp"
+done
 expect 0 "done: eval top-1" -- "$st" "${train[@]}" --output.dir "$work/fc1" --peft.targets attn.qkv,mlp.fc1 \
   --peft.rank_pattern fc1:2 --peft.alpha_pattern 3.mlp.fc1:5 --peft.rslora true --peft.qkv_parts q,k,v
 grep -q '"3.mlp.fc1": 5.0' "$work/fc1/adapter/adapter_config.json" && pass "per-block alpha_pattern key" ||
@@ -72,6 +76,7 @@ expect 0 "<= 1e-05" -- "$kit" compare "$work/merged_by_shardtune.safetensors" "$
 expect 0 "starting from the lora adapter.*done: eval top-1" -- "$st" "${train[@]}" --peft.init_adapter "$work/peft_regex" \
   --train.lr 1e-20 --train.steps 2 --output.dir "$work/init_from_peft"
 same_logits init_from_peft "$work/init_from_peft/adapter"
+expect 0 "<= 1e-05" -- "$kit" compare "$work/init_from_peft.logits.safetensors" "$work/import_regex.reference.safetensors" logits 1e-5
 expect 2 "peft.method=adapter but peft.init_adapter=.* is a lora adapter" -- "$st" "${train[@]}" \
   --peft.init_adapter "$work/peft_regex" --peft.method adapter --output.dir "$work/init_conflict"
 
