@@ -168,6 +168,38 @@ struct ResidualAddBf16 : torch::autograd::Function<ResidualAddBf16> {
   }
 };
 
+// out[i] = a[i] @ b[i] over the flattened batch, one single-threaded GEMM per entry (BLAS runs
+// on one thread inside a parallel region).
+torch::Tensor per_entry_mm(const torch::Tensor& a, const torch::Tensor& b) {
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
+  torch::Tensor A = a.reshape({-1, M, K}), B = b.reshape({-1, K, N});
+  torch::Tensor out = torch::empty({A.size(0), M, N}, a.options());
+  at::parallel_for(0, A.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      torch::Tensor o = out[i];
+      at::mm_out(o, A[i], B[i]);
+    }
+  });
+  std::vector<int64_t> sizes = a.sizes().vec();
+  sizes.back() = N;
+  return out.view(sizes);
+}
+
+struct BatchedMatmul : torch::autograd::Function<BatchedMatmul> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return per_entry_mm(a, b);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &a = saved[0], &b = saved[1], dc = grads[0];
+    // dA = dC B^T, dB = A^T dC (transposed views: BLAS reads them in place)
+    return {ctx->needs_input_grad(0) ? per_entry_mm(dc, b.transpose(-2, -1)) : torch::Tensor(),
+            ctx->needs_input_grad(1) ? per_entry_mm(a.transpose(-2, -1), dc) : torch::Tensor()};
+  }
+};
+
 class CpuOps final : public Ops {
  public:
   explicit CpuOps(const CpuOptions& o)
@@ -210,8 +242,17 @@ class CpuOps final : public Ops {
   }
 
   torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& b) const override {
-    if (options_.frozen_gemm != FrozenGemm::Auto || a.scalar_type() != torch::kBFloat16 || !a.device().is_cpu())
+    if (options_.frozen_gemm != FrozenGemm::Auto || !a.device().is_cpu() || a.dim() < 3 || b.dim() != a.dim())
       return torch::matmul(a, b);
+    if (a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat &&
+        a.sizes().slice(0, a.dim() - 2) == b.sizes().slice(0, b.dim() - 2)) {  // no broadcasting
+      const std::string key = "matmul fp32 " + shape_key(a.sizes()) + " @ " + shape_key(b.sizes()) + threads();
+      const std::string pick =
+          tuner_.choose(key, {no_grad_candidate("torch", [&](bool) { torch::matmul(a, b); }),
+                              no_grad_candidate("per_entry", [&](bool) { per_entry_mm(a, b); })});
+      return pick == "per_entry" ? BatchedMatmul::apply(a, b) : torch::matmul(a, b);
+    }
+    if (a.scalar_type() != torch::kBFloat16) return torch::matmul(a, b);
     const std::string key = "matmul bf16 " + shape_key(a.sizes()) + " @ " + shape_key(b.sizes()) + threads();
     const std::string pick = tuner_.choose(key, {no_grad_candidate("bf16", [&](bool) { torch::matmul(a, b); }),
                                                  no_grad_candidate("fp32", [&](bool) {
@@ -348,5 +389,7 @@ class CpuOps final : public Ops {
 }  // namespace
 
 std::shared_ptr<const Ops> make_cpu_ops(const CpuOptions& options) { return std::make_shared<const CpuOps>(options); }
+
+torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b) { return BatchedMatmul::apply(a, b); }
 
 }  // namespace shardtune::ops

@@ -82,6 +82,13 @@ struct CpuOptions {
 
 std::shared_ptr<const Ops> torch_ops();
 std::shared_ptr<const Ops> make_cpu_ops(const CpuOptions& options);
+
+// a @ b over leading batch dims (a [..., M, K], b [..., K, N], either a strided view) as one
+// GEMM per batch entry, the entries spread over the threads, each GEMM on one thread; the
+// backward the same way. LibTorch 1.13's CPU bmm runs the entries one after another, each
+// GEMM split over the threads: ~2x slower on attention's 197 x 64 x 197 products (fp32). The
+// per-entry GEMMs are the ones torch::matmul runs: identical values on this build (tested).
+torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b);
 // What a model built without an explicit choice gets: CpuOps with oneDNN fixed (no measuring,
 // so unit tests and tools are deterministic), the AVX-512 kernels where the CPU has them.
 std::shared_ptr<const Ops> default_ops();

@@ -289,6 +289,39 @@ TEST(AutoOps, Bf16MatmulAndTrainableLinearMatchFp32) {
   EXPECT_TRUE(saw_linear);
 }
 
+// Attention's fp32 products as per-entry GEMMs: the values torch::matmul gives (the same GEMM
+// per entry), and gradients of both operands, also through transposed views (k^T), against
+// float64 autograd.
+TEST(AutoOps, Fp32BatchedMatmulEqualsTorchInValueAndGradients) {
+  torch::manual_seed(3);
+  torch::Tensor q = torch::randn({2, 3, 37, 16}, torch::kDouble), k = torch::randn({2, 3, 37, 16}, torch::kDouble);
+  torch::Tensor w = torch::randn({2, 3, 37, 37}, torch::kDouble);
+  auto grads = [&](bool ours, torch::ScalarType t) {
+    torch::Tensor a = q.to(t).clone().requires_grad_(true), b = k.to(t).clone().requires_grad_(true);
+    torch::Tensor bt = b.transpose(-2, -1);  // a strided view, as attention passes k^T
+    torch::Tensor s = ours ? ops::batched_matmul(a, bt) : torch::matmul(a, bt);
+    torch::Tensor o = ours ? ops::batched_matmul(s, b) : torch::matmul(s, b);  // p v's shape
+    (o.sum(-1, true) * w.to(t)).sum().backward();
+    return std::vector<torch::Tensor>{s.detach(), o.detach(), a.grad(), b.grad()};
+  };
+  const auto ref = grads(false, torch::kDouble), mine64 = grads(true, torch::kDouble);
+  const auto torch32 = grads(false, torch::kFloat), mine32 = grads(true, torch::kFloat);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_LT(rel_err(mine64[i], ref[i]), 1e-12) << i;
+    EXPECT_LT(rel_err(mine32[i].to(torch::kDouble), ref[i]), 1e-5) << i;
+  }
+  EXPECT_TRUE(torch::equal(mine32[0], torch32[0]));  // forward: the same GEMM per entry
+  EXPECT_TRUE(torch::equal(mine32[1], torch32[1]));
+  TempDir dir;  // under auto the choice is measured and reported
+  auto ops = auto_ops(dir.path);
+  torch::Tensor a = torch::randn({2, 3, 40, 16}), b = torch::randn({2, 3, 16, 40});
+  EXPECT_TRUE(torch::equal(ops->matmul(a, b), torch::matmul(a, b)));
+  const nlohmann::json report = ops->report();
+  bool saw = false;
+  for (const auto& [key, c] : report.at("choices").items()) saw = saw || key.rfind("matmul fp32", 0) == 0;
+  EXPECT_TRUE(saw) << report.dump();
+}
+
 TEST(AutoOps, ForcedPathsMeasureNothing) {
   auto report = cpu_ops(FrozenGemm::OneDnn)->report();
   EXPECT_EQ(report.at("frozen_gemm"), "onednn");
