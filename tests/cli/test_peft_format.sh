@@ -4,8 +4,8 @@
 # - export: a trained LoRA (q,v parts; and qkv + fc1 with rank_pattern and rsLoRA) written as a
 #   PEFT adapter gives, merged the PEFT way, the logits of `predict --adapter` (1e-5);
 # - import: PEFT adapters (list and regex targets, rsLoRA off and on, rank/alpha patterns, a
-#   head in modules_to_save) through predict on 1 process and on tp=2 / pp=2 meshes, merge,
-#   and train --peft.init_adapter;
+#   head in modules_to_save) through predict on 1 process and on tp=2 / pp=2 meshes, eval,
+#   merge, and train --peft.init_adapter;
 # - format-1 adapters (tests/fixtures/adapter_format1) still give their logits;
 # - what ShardTune cannot honour is an error naming the key and value.
 # usage: test_peft_format.sh SHARDTUNE TESTKIT MPIEXEC WORKDIR FIXTURES
@@ -69,6 +69,10 @@ for mesh in "2 2 1" "2 1 2" "4 2 2"; do
   read -r n tp pp <<<"$mesh"
   same_logits "import_${n}_${tp}_${pp}" "$work/peft_regex" "$n" "$tp" "$pp"
 done
+expect 0 "eval top-1 [0-9.]+ on 200 test images \(lora adapter from .*peft_list\)" -- "$st" eval --config "$cfg" \
+  --model.checkpoint "$work/init.safetensors" --adapter "$work/peft_list" --output.dir "$work/eval_peft"
+expect 0 "eval top-1 .*lora adapter" -- mpi 2 "$st" eval --config "$cfg" --model.checkpoint "$work/init.safetensors" \
+  --adapter "$work/qv/adapter" --parallel.pp 2 --output.dir "$work/eval_qv_pp2"
 expect 0 "merged the lora adapter" -- "$st" merge --config "$cfg" --model.checkpoint "$work/init.safetensors" \
   --adapter "$work/peft_list" --out "$work/merged_by_shardtune.safetensors"
 expect 0 "<= 1e-05" -- "$kit" compare "$work/merged_by_shardtune.safetensors" "$work/import_list.merged.safetensors" "*" 1e-5
