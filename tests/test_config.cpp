@@ -55,6 +55,15 @@ TEST(Config, IniWithCommandLineOverrides) {
   EXPECT_EQ(rc.seed, 5u);
 }
 
+TEST(Config, LoraPatternsKeepTheirOrder) {
+  const RunConfig rc = parse({"--peft.rank_pattern", "3.attn.qkv:16, qkv:4", "--peft.alpha_pattern", "fc1:2.5",
+                              "--peft.rslora", "true", "--peft.init_adapter", "some/dir"});
+  EXPECT_EQ(rc.peft.rank_pattern, (std::vector<std::pair<std::string, int64_t>>{{"3.attn.qkv", 16}, {"qkv", 4}}));
+  EXPECT_EQ(rc.peft.alpha_pattern, (std::vector<std::pair<std::string, double>>{{"fc1", 2.5}}));
+  EXPECT_TRUE(rc.peft.rslora);
+  EXPECT_EQ(rc.peft.init_adapter, "some/dir");
+}
+
 TEST(Config, ToIniRoundTrips) {
   RunConfig rc = parse({"--model.arch", "vit", "--model.dim", "48", "--model.heads", "3", "--model.layer_scale", "0.25"});
   RunConfig back = parse({"--config", write_ini("roundtrip", to_ini(rc))});
@@ -94,5 +103,9 @@ INSTANTIATE_TEST_SUITE_P(
                       BadArgs{"unknown_arch", {"--model.arch", "vit_colossal"}, "", "model.arch=vit_colossal"},
                       BadArgs{"heads", {"--model.heads", "5"}, "", "model.heads=5 does not divide model.dim=768"},
                       BadArgs{"pool", {"--model.global_pool", "max"}, "", "model.global_pool=max"},
-                      BadArgs{"missing_file", {"--config", "/nonexistent/x.ini"}, "", "/nonexistent/x.ini"}),
+                      BadArgs{"missing_file", {"--config", "/nonexistent/x.ini"}, "", "/nonexistent/x.ini"},
+                      BadArgs{"rank_pattern_item", {"--peft.rank_pattern", "fc1:4,qkv"}, "",
+                              "peft.rank_pattern=fc1:4,qkv: not PATTERN:NUMBER items (peft.rank_pattern=fc1:4,qkv: 'qkv' is not PATTERN:VALUE)"},
+                      BadArgs{"alpha_pattern_value", {"--peft.alpha_pattern", "fc1:big"}, "",
+                              "peft.alpha_pattern=fc1:big: not PATTERN:NUMBER items"}),
     [](const ::testing::TestParamInfo<BadArgs>& info) { return std::string(info.param.name); });

@@ -304,6 +304,15 @@ TEST(PeftFormat, MalformedJsonInEachKindOfFileNamesTheFile) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("adapter_config.json: neither a ShardTune adapter"), std::string::npos) << e.what();
   }
+  std::ofstream(dir + "/adapter_config.json") << R"({"shardtune": {"format_version": 3}})";
+  try {
+    read_adapter_config(dir);
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("adapter_config.json: shardtune.format_version=3 (this ShardTune reads 1 and 2)"),
+              std::string::npos)
+        << e.what();
+  }
   // A checkpoint's manifest: verification names it.
   const std::string ckpt = scratch("ckpt");
   std::ofstream(ckpt + "/trainer_state.json") << R"({"step": 1})";
