@@ -213,18 +213,18 @@ bool pattern_matches(const std::string& key, const std::string& path) {
   }
 }
 
+namespace {
+// The value of the first key of `patterns` that matches `path`, else `fallback`.
+template <typename T>
+T first_match(const std::vector<std::pair<std::string, T>>& patterns, const std::string& path, T fallback) {
+  for (const auto& [key, value] : patterns)
+    if (pattern_matches(key, path)) return value;
+  return fallback;
+}
+}  // namespace
+
 LoraShape lora_shape(const PeftConfig& cfg, const std::string& path) {
-  LoraShape s{cfg.rank, cfg.alpha, 0};
-  for (const auto& [key, r] : cfg.rank_pattern)
-    if (pattern_matches(key, path)) {
-      s.rank = r;
-      break;
-    }
-  for (const auto& [key, a] : cfg.alpha_pattern)
-    if (pattern_matches(key, path)) {
-      s.alpha = a;
-      break;
-    }
+  LoraShape s{first_match(cfg.rank_pattern, path, cfg.rank), first_match(cfg.alpha_pattern, path, cfg.alpha), 0};
   if (s.rank <= 0)
     throw std::invalid_argument("peft.rank_pattern gives " + path + " rank " + std::to_string(s.rank) +
                                 ": it must be positive");
