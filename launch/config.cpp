@@ -28,7 +28,7 @@ po::options_description config_key_options() {
     ("model.global_pool", po::value<std::string>(), "token | avg")
     ("model.layer_scale", po::value<double>(), "layer-scale init value, 0 = none")
     ("model.qk_norm", po::value<bool>(), "LayerNorm on q and k (true|false)")
-    ("peft.method", po::value<std::string>(), "lora adapter adaptformer vpt_shallow vpt_deep prefix bitfit ln_tune ssf fact_tt linear full none")
+    ("peft.method", po::value<std::string>(), "lora adapter adaptformer vpt_shallow vpt_deep prefix bitfit ln_tune ssf fact_tt lst linear full none")
     ("peft.targets", po::value<std::string>(), "modules: 'a,b' (exact or .suffix) or 're:<regex>'; default per method")
     ("peft.exclude", po::value<std::string>(), "modules to leave out, same syntax")
     ("peft.qkv_parts", po::value<std::string>(), "LoRA on fused attn.qkv: parts among q,k,v (default q,v)")
@@ -43,6 +43,8 @@ po::options_description config_key_options() {
     ("peft.prompt_len", po::value<int64_t>(), "VPT / prefix tokens (default 10)")
     ("peft.scale", po::value<double>(), "adaptformer output scale (0.1) / FacT scale (1)")
     ("peft.train_head", po::value<bool>(), "train the classifier head (default true)")
+    ("peft.side_blocks", po::value<std::string>(), "lst: blocks whose output feeds the side stream, '0,2,4' or '6-11' (default: every block)")
+    ("peft.side_reduction", po::value<int64_t>(), "lst: side stream width = model.dim / this (default 8)")
     ("model.load_head", po::value<bool>(), "load the checkpoint's head (false: a new task's head, freshly initialised)")
     ("data.dataset", po::value<std::string>(), "fashion_mnist | synthetic | imagefolder | filelist")
     ("data.root", po::value<std::string>(), "folder of the IDX files (default /usr/share/datasets/fashion-mnist), or of "
@@ -79,6 +81,8 @@ po::options_description config_key_options() {
     ("train.precision", po::value<std::string>(), "fp32 | bf16 (frozen weights stored in bf16, trainable ones fp32)")
     ("train.frozen_gemm", po::value<std::string>(), "GEMM kernels on CPU: auto (default: the fastest exact kernel per shape, measured at its first call and cached per host) | onednn (fp32: oneDNN's inner product; bf16: one mm) | blas (torch::linear)")
     ("train.bf16_kernels", po::value<bool>(), "bf16 softmax, LayerNorm, GELU, bias and residual adds by ShardTune's AVX-512 kernels where the CPU has AVX-512 BF16 (default true; under auto each timed against LibTorch's op; false: LibTorch's ops)")
+    ("train.cache_backbone", po::value<bool>(), "keep each training image's frozen-backbone output (linear: features; lst: ladder inputs) from its first use and skip the backbone after (default false; needs a deterministic data.transform)")
+    ("train.cache_max_gb", po::value<double>(), "train.cache_backbone: the most memory the cache may take per rank, GB (default 8)")
     ("train.kernel_cache", po::value<std::string>(), "directory of train.frozen_gemm=auto's measurements (default $XDG_CACHE_HOME/shardtune or ~/.cache/shardtune; - : none, measure every run)")
     ("train.eval_every", po::value<int64_t>(), "evaluate every N steps (0: at the end only)")
     ("train.log_every", po::value<int64_t>(), "log every N steps")
@@ -169,6 +173,8 @@ RunConfig run_config_from(const po::variables_map& vm) {
   if (has("peft.train_head")) rc.peft.train_head = vm["peft.train_head"].as<bool>();
   if (has("peft.rslora")) rc.peft.rslora = vm["peft.rslora"].as<bool>();
   str("peft.init_adapter", rc.peft.init_adapter);
+  str("peft.side_blocks", rc.peft.side_blocks);
+  set_i("peft.side_reduction", rc.peft.side_reduction);
   auto patterns = [&](const char* k, auto& field, auto parse) {
     if (!has(k)) return;
     field.clear();
@@ -241,6 +247,8 @@ RunConfig run_config_from(const po::variables_map& vm) {
     throw UsageError("train.frozen_gemm=" + rc.train.frozen_gemm + " must be auto, onednn or blas");
   if (has("train.bf16_kernels")) rc.train.bf16_kernels = vm["train.bf16_kernels"].as<bool>();
   str("train.kernel_cache", rc.train.kernel_cache);
+  if (has("train.cache_backbone")) rc.train.cache_backbone = vm["train.cache_backbone"].as<bool>();
+  if (has("train.cache_max_gb")) rc.train.cache_max_gb = vm["train.cache_max_gb"].as<double>();
   str("output.dir", rc.output.dir);
   set_i("output.checkpoint_every", rc.output.checkpoint_every);
   set_i("output.keep", rc.output.keep);

@@ -304,8 +304,11 @@ KeyFilter keys_of_other_stages(const StagePart& part, const std::string& prefix)
       const int64_t i = std::atoll(key.c_str() + 7);
       return i < part.first_block || i >= part.end_block;
     }
-    if (starts_with(key, "patch_embed.") || key == "cls_token" || key == "pos_embed") return !part.embed;
-    if (starts_with(key, "norm.") || starts_with(key, "fc_norm.") || starts_with(key, "head.")) return !part.head;
+    if (starts_with(key, "patch_embed.") || key == "cls_token" || key == "pos_embed" || starts_with(key, "side_in."))
+      return !part.embed;
+    if (starts_with(key, "norm.") || starts_with(key, "fc_norm.") || starts_with(key, "head.") ||
+        starts_with(key, "side_out."))
+      return !part.head;
     return false;
   };
 }

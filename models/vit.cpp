@@ -325,17 +325,44 @@ torch::Tensor VisionTransformerImpl::embed(const torch::Tensor& images) {
   return torch::cat({cls, x}, 1) + cast_like(pos_embed, x);                   // [B, N+1, D]
 }
 
+torch::Tensor VisionTransformerImpl::pool(const torch::Tensor& tokens) const {
+  return config.global_pool == "avg" ? tokens.slice(1, num_prefix_tokens).mean(1)  // mean over patches only
+                                     : tokens.select(1, 0);
+}
+
 torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {
-  torch::Tensor pooled;
-  if (config.global_pool == "avg") {
-    pooled = fc_norm->forward(tokens.slice(1, num_prefix_tokens).mean(1));  // mean over patches only
-  } else {
-    pooled = norm->forward(tokens.select(1, 0));  // cls token after norm (norm is per token)
-  }
+  // The norm acts per token: pooling the cls token first is exact; avg pools, then norms.
+  torch::Tensor pooled = (config.global_pool == "avg" ? fc_norm : norm)->forward(pool(tokens));
   return head ? head->forward(pooled) : pooled;
 }
 
+torch::Tensor VisionTransformerImpl::side_forward(const torch::Tensor& input) {
+  const int64_t D = config.dim;
+  torch::Tensor x, h;
+  {
+    torch::NoGradGuard frozen;
+    x = part.embed ? embed(input) : input.narrow(-1, 0, D);
+  }
+  h = part.embed ? side_in->forward(x) : input.narrow(-1, D, side_width);
+  for (Block& b : stage_blocks) {
+    {
+      torch::NoGradGuard frozen;
+      x = b->forward(x);
+    }
+    if (b->side) h = b->side->forward(x, h);
+  }
+  if (!part.head) return torch::cat({x, h}, -1);
+  torch::Tensor features;
+  {
+    torch::NoGradGuard frozen;
+    features = (config.global_pool == "avg" ? fc_norm : norm)->forward(pool(x));
+  }
+  if (side_out) features = features + side_out->forward(pool(h));
+  return head ? head->forward(features) : features;
+}
+
 torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& input) {
+  if (side_width > 0) return side_forward(input);
   torch::Tensor x = part.embed ? embed(input) : input;
   // Only token 0 reaches a cls-pooled head: the last block computes it alone.
   const bool cls_only = part.head && config.global_pool != "avg";

@@ -135,6 +135,18 @@ struct MlpImpl : torch::nn::Module {
 };
 TORCH_MODULE(Mlp);
 
+// --- Side stream (side tuning) ---------------------------------------------------------
+// A narrow trainable stream h [B, T, w] beside the frozen token stream x [B, T, D] (LST,
+// peft/lst/). With one, the model runs its own layers without autograd and calls the side at
+// each block that has one; between pipeline stages x and h travel as one tensor
+// [B, T, D + w], h last, and only h's gradient travels back. The model's `side_in` starts the
+// stream from the embedding's tokens (first stage) and `side_out` turns the pooled stream
+// into a term added to the backbone's pooled features (last stage).
+struct SideLadder : torch::nn::Module {
+  // x: the block's output tokens (a constant), h: the stream so far -> the new stream.
+  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& h) = 0;
+};
+
 // --- Block --------------------------------------------------------------------------
 // Pre-norm residual block: x = pre(x); h = x + ls1(attn(norm1(x)));
 // out = h + ls2(mlp(norm2(h)) + mlp_side(h)). `pre` and `mlp_side` are optional extension
@@ -151,6 +163,7 @@ struct BlockImpl : torch::nn::Module {
   torch::Tensor ls1_gamma, ls2_gamma;  // [D], registered as ls1.gamma / ls2.gamma with layer_scale
   std::shared_ptr<Op> pre;       // tokens -> tokens before the block
   std::shared_ptr<Op> mlp_side;  // a branch beside the MLP, fed the block's residual stream
+  std::shared_ptr<SideLadder> side;  // side tuning: reads this block's output (see SideLadder)
   std::shared_ptr<const ops::Ops> ops;
 };
 TORCH_MODULE(Block);
@@ -188,6 +201,8 @@ struct VisionTransformerImpl : torch::nn::Module {
   // [B, num_classes] (pooled features [B, D] when num_classes = 0; tokens without the head).
   // With cls-token pooling the last block computes the cls token only (exact: nothing else
   // reaches the output), which skips ~10/12 of that block's forward and backward GEMMs.
+  // With a side stream (side_width > 0) tokens are [B, T, D + side_width] between stages, and
+  // the backbone's layers run without autograd (see side_forward).
   torch::Tensor forward(const torch::Tensor& input);
 
   // The three parts of forward, for pipeline stages:
@@ -210,8 +225,18 @@ struct VisionTransformerImpl : torch::nn::Module {
   std::shared_ptr<Op> fc_norm;  // global_pool = avg
   std::shared_ptr<Op> head;     // absent when num_classes = 0
   int64_t num_prefix_tokens = 1;  // cls (+ prompts a PEFT method inserts); avg pooling skips them
+  int64_t side_width = 0;         // side tuning: the stream's width w (0: no side stream)
+  std::shared_ptr<Op> side_in;    // side tuning, first stage: tokens [B, T, D] -> h [B, T, w]
+  std::shared_ptr<Op> side_out;   // side tuning, last stage: pooled h [B, w] -> [B, D]
 
   std::vector<Block> stage_blocks;              // this stage's blocks, in order
+
+  // forward with a side stream: the frozen layers under NoGradGuard (no graph, nothing saved),
+  // every block whole (the side blocks read every token of the last block too), h starting
+  // as side_in(tokens) on the first stage; the head reads pool(norm(x)) + side_out(pool(h)).
+  torch::Tensor side_forward(const torch::Tensor& input);
+  // The pooled tokens [B, T, C] -> [B, C] as the head pools them (cls token or patch mean).
+  torch::Tensor pool(const torch::Tensor& tokens) const;
 
   size_t num_blocks() const { return stage_blocks.size(); }
   Block block(size_t i) const { return stage_blocks[i]; }  // i-th block of this stage

@@ -114,5 +114,6 @@ void register_prefix(MethodRegistry& r);
 void register_selective(MethodRegistry& r);
 void register_ssf(MethodRegistry& r);
 void register_fact_tt(MethodRegistry& r);
+void register_lst(MethodRegistry& r);
 
 }  // namespace shardtune

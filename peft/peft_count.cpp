@@ -32,6 +32,13 @@ int64_t peft_param_count(const ViTConfig& m, const PeftConfig& p) {
     const int64_t pieces = L * (3 + 1 + 2 * (M / D));
     return 2 * D * p.rank + pieces * p.rank * p.rank;
   }
+  if (k == "lst") {
+    const ViTConfig s = side_config(m, p);
+    const int64_t w = s.dim, ms = s.mlp_dim;
+    const int64_t ladder = D * w + w + 1 + 2 * w + 3 * w * w + 3 * w + w * w + w + 2 * w + w * ms + ms + ms * w + w;
+    const int64_t in = D * w + w, out = 2 * w + w * D + D;
+    return in + static_cast<int64_t>(side_block_set(p, L).size()) * ladder + out;
+  }
   if (k == "linear" || k == "none") return 0;
   if (k == "full") return m.param_count() - (m.num_classes > 0 ? D * m.num_classes + m.num_classes : 0);
   throw std::invalid_argument("peft.method=" + k + " is not a known method");

@@ -20,6 +20,7 @@ MethodRegistry& MethodRegistry::instance() {
     register_selective(*reg);
     register_ssf(*reg);
     register_fact_tt(*reg);
+    register_lst(*reg);
     return reg;
   }();
   return *r;

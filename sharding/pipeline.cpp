@@ -85,8 +85,13 @@ PipelineTimes run_pipeline(const std::vector<PipeOp>& ops, const StageRole& role
     times.wait_s += seconds_since(t0);
     return t;
   };
-  auto send = [&](const torch::Tensor& t, int dst) {
+  auto send = [&](const torch::Tensor& t, int dst, double& bytes) {
+    bytes += static_cast<double>(t.numel() * t.element_size());
     for (auto& w : send_tensor(*pp, t, dst, send_buffers)) sends.push_back(w);
+  };
+  // The part of a stage's activations that carries a gradient.
+  auto with_grad = [&](const torch::Tensor& t) {
+    return role.grad_tail > 0 ? t.narrow(-1, t.size(-1) - role.grad_tail, role.grad_tail) : t;
   };
   int last_backward = -1;
   for (size_t i = 0; i < ops.size(); ++i)
@@ -103,7 +108,7 @@ PipelineTimes run_pipeline(const std::vector<PipeOp>& ops, const StageRole& role
         out = hooks.forward(x);
         if (role.last()) out = hooks.loss(op.microbatch, out);
       }
-      if (!role.last()) send(out, role.stage + 1);
+      if (!role.last()) send(out, role.stage + 1, times.forward_bytes);
       if (role.backward) alive[op.microbatch] = {x, out};
     } else {
       if (!role.backward) continue;
@@ -114,9 +119,9 @@ PipelineTimes run_pipeline(const std::vector<PipeOp>& ops, const StageRole& role
         it->second.output.backward();
       } else {
         torch::Tensor grad = receive(role.stage + 1);
-        torch::autograd::backward({it->second.output}, {grad.to(it->second.output.scalar_type())});
+        torch::autograd::backward({with_grad(it->second.output)}, {grad.to(it->second.output.scalar_type())});
       }
-      if (role.input_grad) send(it->second.input.grad(), role.stage - 1);
+      if (role.input_grad) send(with_grad(it->second.input.grad()), role.stage - 1, times.backward_bytes);
       alive.erase(it);  // its activations are freed here
     }
   }

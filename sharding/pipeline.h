@@ -39,6 +39,9 @@ struct StageRole {
   int stage = 0, stages = 1;
   bool backward = true;    // this stage or an earlier one holds a trainable parameter
   bool input_grad = false; // an earlier stage does: send it the gradient of our input
+  // > 0: only the last `grad_tail` features of the activations carry a gradient (a side
+  // stream beside a frozen backbone): only they are sent back and received.
+  int64_t grad_tail = 0;
   bool first() const { return stage == 0; }
   bool last() const { return stage == stages - 1; }
 };
@@ -53,6 +56,7 @@ struct StageHooks {
 struct PipelineTimes {
   double total_s = 0;  // the whole schedule on this stage
   double wait_s = 0;   // blocked receiving from a neighbour (the bubble, plus transfer time)
+  double forward_bytes = 0, backward_bytes = 0;  // activations and gradients this stage sent (data only)
 };
 
 // Runs `ops` on this stage. `pp` is the pipeline group (rank = stage); may be null for one stage.

@@ -66,6 +66,7 @@ StageModel build_stage_model(const ModelSpec& spec, const Mesh& mesh) {
     cast_frozen(*out.model, torch::kBFloat16);
   }
   out.role = role_of(out.peft, mesh);
+  out.role.grad_tail = out.model->side_width;  // side tuning: only the side stream's gradient travels back
   return out;
 }
 

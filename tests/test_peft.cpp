@@ -50,7 +50,7 @@ PeftConfig peft(const std::string& method) {
 
 const std::vector<std::string> kAllMethods = {"lora",   "adapter", "adaptformer", "vpt_shallow", "vpt_deep",
                                               "prefix", "bitfit",  "ln_tune",     "ssf",         "fact_tt",
-                                              "linear", "full",    "none"};
+                                              "lst",    "linear",  "full",        "none"};
 const std::set<std::string> kPromptMethods = {"vpt_shallow", "vpt_deep", "prefix"};
 
 VisionTransformer make(const ViTConfig& c, uint64_t seed = 1) {
@@ -79,6 +79,9 @@ TEST(Peft, TrainableCountsMatchClosedForms) {
       {"vpt_deep", 2560},    {"adapter", 8768},  {"adaptformer", 4384}, {"prefix", 5120},
       {"ssf", 4 * (2 * (192 + 64 + 128 + 64) + 2 * 128) + 128},  // scale+shift after 4 linears, 2 norms; final norm
       {"fact_tt", 2 * 64 * 8 + 4 * (3 + 1 + 2 + 2) * 8 * 8},      // U, V [D, r]; C [n, r, r], n = 8 pieces a block
+      // w = 8, side MLP 16: side_in 64*8+8; per block down 520, gate 1, norms 32, qkv 8*24+24, proj 72,
+      // fc1 8*16+16, fc2 16*8+8; side_out norm 16 + up 8*64+64
+      {"lst", 520 + 4 * (520 + 1 + 32 + 216 + 72 + 144 + 136) + 16 + 576},
       {"linear", 0},         {"full", backbone}, {"none", -head}};
   for (const auto& [method, count] : expected) {
     VisionTransformer m = make(c);
@@ -297,7 +300,115 @@ TEST_P(PeftGradients, MatchFiniteDifferences) {
 
 INSTANTIATE_TEST_SUITE_P(Methods, PeftGradients,
                          ::testing::Values("lora", "adapter", "adaptformer", "vpt_shallow", "vpt_deep", "prefix",
-                                           "bitfit", "ln_tune", "ssf", "fact_tt", "linear", "full"));
+                                           "bitfit", "ln_tune", "ssf", "fact_tt", "lst", "linear", "full"));
+
+// --- side tuning ---------------------------------------------------------------------------------
+
+// LST's forward written out with plain ops from the injected parameters (float64): the base
+// model's blocks one at a time, the ladders, LST's gate sigmoid(alpha / 0.1), the side norm and
+// up-projection added to the pooled features. The side blocks are the model's own ViT blocks
+// (checked against timm elsewhere); everything around them is rebuilt here.
+TEST(Peft, LstForwardIsTheLadderFormula) {
+  for (const ViTConfig& c : tiny_variants()) {
+    VisionTransformer m = make(c, 7);
+    PeftConfig p = peft("lst");
+    p.side_reduction = 4;
+    p.side_blocks = "1";
+    PeftState s = apply_peft(*m, p);
+    perturb(s);
+    m->to(torch::kFloat64);
+    torch::Tensor x = torch::randn({3, c.in_chans, 28, 28}, torch::kFloat64);
+    torch::NoGradGuard g;
+    std::map<std::string, torch::Tensor> P;
+    for (const auto& q : m->named_parameters()) P[q.key()] = q.value();
+    auto lin = [&](const torch::Tensor& t, const std::string& name) {
+      return torch::linear(t, P.at(name + ".weight"), P.at(name + ".bias"));
+    };
+    auto ln = [&](const torch::Tensor& t, const std::string& name) {
+      return torch::layer_norm(t, {t.size(-1)}, P.at(name + ".weight"), P.at(name + ".bias"), 1e-6);
+    };
+    torch::Tensor tokens = m->embed(x);
+    torch::Tensor h = lin(tokens, "side_in.down");
+    for (size_t i = 0; i < m->num_blocks(); ++i) {
+      tokens = m->block(i)->forward(tokens);
+      if (i != 1) continue;
+      const torch::Tensor mu = torch::sigmoid(P.at("blocks.1.side.gate") / 0.1);
+      auto side_block = m->block(i)->side->named_children()["block"];
+      auto* block = dynamic_cast<BlockImpl*>(side_block.get());
+      ASSERT_NE(block, nullptr);
+      h = block->forward(mu * h + (1 - mu) * lin(tokens, "blocks.1.side.down"));
+    }
+    const bool avg = c.global_pool == "avg";
+    auto pool = [&](const torch::Tensor& t) { return avg ? t.slice(1, 1).mean(1) : t.select(1, 0); };
+    torch::Tensor features = ln(pool(tokens), avg ? "fc_norm" : "norm") + lin(ln(pool(h), "side_out.norm"), "side_out.up");
+    torch::Tensor ref = lin(features, "head");
+    EXPECT_LT(rel_err(m->forward(x), ref), 1e-12) << describe(c);
+  }
+}
+
+// The backbone runs without autograd: even with every backbone parameter set to require a
+// gradient, none gets one, and the stage output's backbone part carries no graph.
+TEST(Peft, LstBuildsNoGraphThroughTheBackbone) {
+  const ViTConfig c = tiny_config();
+  VisionTransformer m = make(c);
+  PeftState s = apply_peft(*m, peft("lst"));
+  perturb(s);
+  std::set<std::string> trainable;
+  for (const auto& [n, _] : s.trainable) trainable.insert(n);
+  for (auto& p : s.base_params) p.requires_grad_(true);
+  m->forward(torch::randn({2, 1, 28, 28})).pow(2).sum().backward();
+  int64_t side = 0;
+  for (const auto& p : m->named_parameters()) {
+    if (trainable.count(p.key())) {
+      EXPECT_TRUE(p.value().grad().defined()) << p.key();
+      side += 1;
+    } else {
+      EXPECT_FALSE(p.value().grad().defined()) << "backbone parameter " << p.key() << " got a gradient";
+    }
+  }
+  EXPECT_GT(side, 10);
+  // A first pipeline stage: [x | h]; x is a constant, h carries the side stream's graph.
+  torch::manual_seed(2);
+  VisionTransformer first(c, StagePart::of(c, 0, 2));
+  PeftState fs = apply_peft(*first, peft("lst"));
+  torch::Tensor images = torch::randn({2, 1, 28, 28});
+  torch::Tensor out = first->forward(images);
+  ASSERT_EQ(out.size(-1), c.dim + first->side_width);
+  EXPECT_TRUE(out.requires_grad());
+  std::vector<torch::Tensor> params;
+  for (const auto& [_, t] : fs.trainable) params.push_back(t);
+  for (const auto& g : torch::autograd::grad({out.narrow(-1, 0, c.dim).sum()}, params, {}, false, false, true))
+    if (g.defined()) EXPECT_EQ(g.abs().max().item<double>(), 0.0) << "the backbone part depends on a side parameter";
+  torch::NoGradGuard no_grad;
+  torch::Tensor plain = first->embed(images);
+  for (size_t i = 0; i < first->num_blocks(); ++i) plain = first->block(i)->forward(plain);
+  EXPECT_TRUE(torch::equal(out.narrow(-1, 0, c.dim), plain));
+}
+
+TEST(Peft, LstKeysAreCheckedAndNamed) {
+  const ViTConfig c = tiny_config();
+  auto refused = [&](const std::string& blocks, int64_t reduction, const std::string& expect) {
+    VisionTransformer m = make(c);
+    PeftConfig p = peft("lst");
+    p.side_blocks = blocks;
+    p.side_reduction = reduction;
+    try {
+      apply_peft(*m, p);
+      ADD_FAILURE() << blocks << " " << reduction << " accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << e.what();
+    }
+  };
+  refused("2", 8, "peft.side_blocks=2: block 2 is not in [0, model.depth=2)");
+  refused("1-0", 8, "'1-0' is an empty range");
+  refused("x", 8, "'x' is not a block index");
+  refused("", 0, "peft.side_reduction=0");
+  refused("", 64, "peft.side_reduction=64 must be in [1, model.dim=32]");
+  EXPECT_EQ(side_block_set(peft("lst"), 4), (std::set<int64_t>{0, 1, 2, 3}));
+  PeftConfig p = peft("lst");
+  p.side_blocks = "0, 2-3";
+  EXPECT_EQ(side_block_set(p, 6), (std::set<int64_t>{0, 2, 3}));
+}
 
 // --- bf16 compute --------------------------------------------------------------------------------
 
@@ -306,9 +417,11 @@ TEST(Peft, Bf16ComputeKeepsTrainablesInFp32AndTracksFp32) {
   torch::manual_seed(0);  // LibTorch seeds its default generator randomly per process
   torch::Tensor x = torch::randn({4, 1, 28, 28});
   for (const std::string method : {"lora", "adapter", "adaptformer", "vpt_deep", "prefix", "bitfit", "ln_tune", "ssf",
-                                   "fact_tt", "full"}) {
+                                   "fact_tt", "lst", "full"}) {
     VisionTransformer m = make(c);
-    PeftState s = apply_peft(*m, peft(method));
+    PeftConfig p = peft(method);
+    p.side_reduction = 2;  // lst: a side stream of 16, not 4, channels (a 4-wide LayerNorm in bf16 is all noise)
+    PeftState s = apply_peft(*m, p);
     perturb(s, 0.05);
     torch::Tensor ref = m->forward(x);
     ref.pow(2).sum().backward();

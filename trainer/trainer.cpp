@@ -210,11 +210,13 @@ struct Run {
   int64_t microbatches = 1;
   std::vector<PipeOp> ops;                // this stage's schedule of one step
   int64_t trainable_params = 0;           // over every stage
+  double pipe_forward_bytes = 0, pipe_backward_bytes = 0;  // this rank's pipeline sends in the last step
 };
 
 // What one optimizer step measured.
 struct StepStats {
   double loss = 0, grad_norm = 0, lr = 0, wait_fraction = 0;
+  double pipe_forward_bytes = 0, pipe_backward_bytes = 0;  // this rank sent to its pipeline neighbours
 };
 
 // Locks output.dir, loads the data, builds this rank's stage, its optimizer and gradient sync.
@@ -297,6 +299,8 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
 
   StepStats out;
   out.wait_fraction = pt.total_s > 0 ? pt.wait_s / pt.total_s : 0.0;
+  out.pipe_forward_bytes = pt.forward_bytes;
+  out.pipe_backward_bytes = pt.backward_bytes;
   // The loss lives on the last stage: summed over pp (others add 0), averaged over dp.
   out.loss = reduce(*mesh.dp, reduce(*mesh.pp, local_loss, ReduceOp::Sum), ReduceOp::Avg);
   if (!std::isfinite(out.loss))
@@ -367,6 +371,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
       ReduceOp::Max);
   const double data_wait = reduce(*mesh.world, data_wait_fraction, ReduceOp::Max);
   const double skipped = reduce(*mesh.world, static_cast<double>(r.data.train.skipped->count()), ReduceOp::Max);
+  const double pipe_forward = reduce(*mesh.world, r.pipe_forward_bytes, ReduceOp::Sum);
+  const double pipe_backward = reduce(*mesh.world, r.pipe_backward_bytes, ReduceOp::Sum);
   auto adapter = gather_trainable(r.b, mesh);
   if (r.rank0) {
     json::Json ev;
@@ -391,6 +397,8 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     summary["peak_rss_mb"] = rss;
     summary["grad_sync_bytes_per_step"] = r.sync->bytes_per_step();
     summary["pipeline_wait_fraction"] = wait_fraction;
+    // Activations sent forward and gradients sent back between stages in one step, all ranks.
+    summary["pipeline_bytes_per_step"] = {{"forward", pipe_forward}, {"backward", pipe_backward}};
     summary["pipeline_bubble_ideal"] = ideal_bubble(mesh.dims.pp, static_cast<int>(r.microbatches));
     summary["checkpoint_bytes_read_max_rank"] = loaded_bytes;
     summary["data_wait_fraction"] = data_wait;  // share of the step time spent waiting for the loader (max rank)
@@ -449,6 +457,8 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     const StepStats s = train_step(r, prefetch.get(step), step);
     ++step;
     wait_fractions.push_back(s.wait_fraction);
+    r.pipe_forward_bytes = s.pipe_forward_bytes;
+    r.pipe_backward_bytes = s.pipe_backward_bytes;
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // The profiled step runs slower (the profiler's own cost): left out of the median.
     if (step > first_step + 1 && !profile) step_times.push_back(secs);

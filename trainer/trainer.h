@@ -41,6 +41,8 @@ struct TrainConfig {
   std::string frozen_gemm = "auto";  // auto | blas | onednn (ops/ops.h)
   bool bf16_kernels = true;          // ShardTune's AVX-512 bf16 kernels where the CPU has them
   std::string kernel_cache;          // where auto keeps its measurements; "" default, "-" none
+  bool cache_backbone = false;       // keep each training image's frozen-backbone output (trainer/backbone_cache.h)
+  double cache_max_gb = 8.0;         // the cache's memory bound per rank
 };
 
 struct OutputConfig {

@@ -89,6 +89,10 @@ ModelSpec spec_for(const std::string& method, bool from_checkpoint = true) {
     s.peft.alpha_pattern = {{"1.attn.qkv", 6}};
     s.peft.rslora = true;
   }
+  if (method == "lst_sparse") {  // ladders on blocks 1 and 3 only: stages without one pass h on
+    s.peft.method = "lst";
+    s.peft.side_blocks = "1,3";
+  }
   s.peft.rank = 4;
   s.peft.bottleneck = 4;
   s.peft.prompt_len = 2;
@@ -127,14 +131,16 @@ torch::Tensor loss_weights() {
 // Loss = sum(logits * w) over the whole batch; each dp rank runs its share in
 // `microbatches` micro-batches through the schedule; gradients summed over dp.
 Result run(const std::string& method, const Mesh& mesh, const std::string& schedule, int microbatches,
-           bool from_checkpoint = true, std::shared_ptr<const ops::Ops> operators = ops::default_ops()) {
+           bool from_checkpoint = true, std::shared_ptr<const ops::Ops> operators = ops::default_ops(),
+           torch::ScalarType dtype = torch::kFloat32) {
   ModelSpec spec = spec_for(method, from_checkpoint);
   spec.ops = std::move(operators);
   StageModel m = build_stage_model(spec, mesh);
   perturb(m);
+  m.model->to(dtype);
   const int64_t share = kBatch / mesh.dims.dp, first = share * mesh.dp_rank();
-  auto x = images().narrow(0, first, share).chunk(microbatches);
-  auto w = loss_weights().narrow(0, first, share).chunk(microbatches);
+  auto x = images().to(dtype).narrow(0, first, share).chunk(microbatches);
+  auto w = loss_weights().to(dtype).narrow(0, first, share).chunk(microbatches);
   std::vector<torch::Tensor> outs;
   StageHooks hooks;
   hooks.input = [&](int mb) { return x[static_cast<size_t>(mb)]; };
@@ -169,7 +175,8 @@ std::vector<std::pair<int, int>> meshes() {  // (tp, pp) shapes this world can h
 }
 
 const std::vector<std::string> kMethods = {"lora",        "adapter",     "vpt_deep", "prefix", "ssf",     "bitfit",
-                                           "adaptformer", "vpt_shallow", "ln_tune",  "linear", "fact_tt", "lora_peft"};
+                                           "adaptformer", "vpt_shallow", "ln_tune",  "linear", "fact_tt", "lora_peft",
+                                           "lst",         "lst_sparse"};
 
 }  // namespace
 
@@ -179,11 +186,23 @@ const std::vector<std::string> kMethods = {"lora",        "adapter",     "vpt_de
 // bound is 3e-5. Every other method: 1e-5.
 double tolerance(const std::string& method) { return method == "lora_peft" ? 3e-5 : 1e-5; }
 
+// A gradient that is a sum with heavy cancellation is off by more than 1e-5 in fp32 on one
+// process already: LST's gate alpha_0 is a scalar summing mu' (h - down(x)) over every token
+// and channel, and one process in fp32 is 1.0e-4 from float64 there (measured). Such a tensor
+// may differ across meshes by up to twice what fp32 itself makes on one process (against the
+// float64 run of the same model); every other tensor keeps tolerance(method).
+std::map<std::string, double> fp32_floor(const Result& fp32, const Result& fp64) {
+  std::map<std::string, double> out;
+  for (const auto& [name, g] : fp32.grads) out[name] = 2 * max_rel_err(g.to(torch::kFloat64), fp64.grads.at(name));
+  return out;
+}
+
 TEST(Sharding, EveryMeshMatchesOneProcessForEveryMethod) {
   if (meshes().empty()) GTEST_SKIP() << "one rank: no sharded mesh";
   Mesh self = self_mesh();
   for (const auto& method : kMethods) {
     const Result ref = run(method, self, "1f1b", 1);
+    const auto floor = fp32_floor(ref, run(method, self, "1f1b", 1, true, ops::default_ops(), torch::kFloat64));
     for (auto [tp, pp] : meshes()) {
       if (method == "fact_tt" && pp > 1) continue;  // shares its factors across all blocks: tp only
       Mesh mesh = make_mesh(ParallelDims::make(world_size(), tp, pp));
@@ -192,7 +211,8 @@ TEST(Sharding, EveryMeshMatchesOneProcessForEveryMethod) {
       ASSERT_FALSE(got.grads.empty() && method != "linear" && mesh.pp_rank() == mesh.dims.pp - 1) << what;
       for (const auto& [name, g] : got.grads) {
         ASSERT_TRUE(ref.grads.count(name)) << what << ": " << name << " is not a parameter of the whole model";
-        EXPECT_LT(max_rel_err(g, ref.grads.at(name)), tolerance(method)) << what << ": gradient of " << name;
+        EXPECT_LT(max_rel_err(g, ref.grads.at(name)), std::max(tolerance(method), floor.at(name)))
+            << what << ": gradient of " << name;
       }
       if (got.logits.defined()) {
         const int64_t share = kBatch / mesh.dims.dp;
@@ -252,7 +272,7 @@ TEST(Sharding, GpipeAndOneFOneBGiveIdenticalGradients) {
   for (auto [tp, pp] : meshes()) {
     if (pp == 1) continue;
     Mesh mesh = make_mesh(ParallelDims::make(world_size(), tp, pp));
-    for (const auto& method : {"lora", "vpt_deep"}) {
+    for (const auto& method : {"lora", "vpt_deep", "lst"}) {
       const Result a = run(method, mesh, "gpipe", 4), b = run(method, mesh, "1f1b", 4);
       for (const auto& [name, g] : a.grads) EXPECT_TRUE(torch::equal(g, b.grads.at(name))) << method << " " << name;
     }
