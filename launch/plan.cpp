@@ -33,7 +33,31 @@ double block_params_per_rank(const ViTConfig& m, int tp) {
   return split / tp + whole;
 }
 
-bool backward_through_blocks(const std::string& method) { return method != "linear" && method != "none"; }
+// Whether autograd runs through the backbone's blocks (keeps their activations): not for a
+// frozen backbone read by the head alone (linear, none) or by a side network (lst).
+bool backward_through_blocks(const std::string& method) {
+  return method != "linear" && method != "none" && method != "lst";
+}
+
+// lst, per image: the side network's forward FLOPs (ladders + narrow blocks) and what its
+// autograd keeps per ladder (the ladder's input x_i [N, D], which its weight gradient needs,
+// and the side block's activations by the backbone's per-block rule at width w, not split
+// over tp: the side stream is replicated).
+struct SideCost {
+  double flops_per_image = 0, keep_per_ladder = 0;
+  int64_t ladders = 0;
+};
+SideCost side_cost(const ViTConfig& m, const PeftConfig& p) {
+  const ViTConfig s = side_config(m, p);
+  const double N = static_cast<double>(m.num_tokens()), D = static_cast<double>(m.dim), w = static_cast<double>(s.dim),
+               Ms = static_cast<double>(s.mlp_dim), Hs = static_cast<double>(s.heads);
+  SideCost c;
+  c.ladders = static_cast<int64_t>(side_block_set(p, m.depth).size());
+  const double block = 8 * N * w * w + 4 * N * w * Ms + 4 * N * N * w;
+  c.flops_per_image = 2 * N * D * w * static_cast<double>(c.ladders + 1) + block * static_cast<double>(c.ladders);
+  c.keep_per_ladder = N * D + 13 * N * w + N * Ms + Hs * N * N;
+  return c;
+}
 
 }  // namespace
 
@@ -84,6 +108,8 @@ PlanResult plan_mesh(const PlanInput& in, int tp, int pp) {
                M = static_cast<double>(m.mlp_dim), H = static_cast<double>(m.heads);
   const double mb_images = static_cast<double>(r.micro_batch);
   const bool backward = backward_through_blocks(in.peft.method);
+  const bool lst = in.peft.method == "lst";
+  const SideCost side = lst ? side_cost(m, in.peft) : SideCost{};
 
   // Per block per image, elements autograd keeps (see the header); full also keeps the
   // inputs of every linear for the weight gradients.
@@ -114,6 +140,11 @@ PlanResult plan_mesh(const PlanInput& in, int tp, int pp) {
         in.schedule == "gpipe" ? static_cast<double>(in.microbatches)
                                : static_cast<double>(std::min<int64_t>(pp - s, in.microbatches));
     c.activation_bytes = backward ? keep * blocks * mb_images * in_flight * act_bytes : 0;
+    if (lst) {  // the side stream only, for the ladders of this stage's blocks
+      double ladders = 0;
+      for (int64_t b : side_block_set(in.peft, m.depth)) ladders += b >= first && b < last ? 1 : 0;
+      c.activation_bytes = side.keep_per_ladder * ladders * mb_images * in_flight * act_bytes;
+    }
     c.workspace_bytes = transient + kRuntimeBytes;
     if (c.total_bytes() > worst_total) worst_total = c.total_bytes(), worst = c;
   }
@@ -125,8 +156,14 @@ PlanResult plan_mesh(const PlanInput& in, int tp, int pp) {
   const double ring = tp > 1 ? 2.0 * (tp - 1) / tp : 0.0;
   r.tp_allreduce_bytes = ring * act_msg * blocks_per_stage * (backward ? 4 : 2) * static_cast<double>(in.microbatches);
   r.pp_send_bytes = pp > 1 ? act_msg * (backward ? 2 : 1) * static_cast<double>(in.microbatches) : 0;
+  if (lst && pp > 1) {  // [x | h] forward, dh back
+    const double w = static_cast<double>(side_config(m, in.peft).dim);
+    r.pp_send_bytes = mb_images * N * ((D + w) + w) * act_bytes * static_cast<double>(in.microbatches);
+  }
   r.dp_sync_bytes = dims.dp > 1 ? 4.0 * static_cast<double>(r.trainable_params) : 0;
   r.flops_per_step = m.forward_flops_per_image() * static_cast<double>(in.global_batch) * (full ? 3.0 : 2.0);
+  if (lst)  // the backbone forward only; the side network forward and backward (weight and input gradients)
+    r.flops_per_step = (m.forward_flops_per_image() + 3 * side.flops_per_image) * static_cast<double>(in.global_batch);
   r.bubble = static_cast<double>(pp - 1) / static_cast<double>(in.microbatches + pp - 1);
   r.fits = r.total_bytes() <= in.device_memory_bytes;
   return r;
@@ -178,7 +215,7 @@ std::string format_plan(const PlanInput& in, const PlanResult& r) {
       "    TP all-reduces    %s\n"
       "    PP send/recv      %s\n"
       "    DP gradient sync  %s\n"
-      "  model FLOPs / step  %.3g TFLOP (%s x forward of %lld images)\n"
+      "  model FLOPs / step  %.3g TFLOP (%s of %lld images)\n"
       "  pipeline bubble     %.1f%%  ((p-1)/(m+p-1))\n"
       "  device memory       %s: %s\n",
       in.model.arch.c_str(), static_cast<double>(in.model.param_count()) / 1e9, in.peft.method.c_str(),
@@ -187,7 +224,10 @@ std::string format_plan(const PlanInput& in, const PlanResult& r) {
       mb(r.peft_bytes).c_str(), static_cast<long long>(r.trainable_params), gb(r.activation_bytes).c_str(),
       gb(r.workspace_bytes).c_str(), mb(kRuntimeBytes).c_str(), mb(r.tp_allreduce_bytes).c_str(),
       mb(r.pp_send_bytes).c_str(), mb(r.dp_sync_bytes).c_str(), r.flops_per_step / 1e12,
-      in.peft.method == "full" ? "3" : "2", static_cast<long long>(in.global_batch), 100.0 * r.bubble,
+      in.peft.method == "full"  ? "3 x forward"
+      : in.peft.method == "lst" ? "forward + 3 x the side network's forward"
+                                : "2 x forward",
+      static_cast<long long>(in.global_batch), 100.0 * r.bubble,
       gb(in.device_memory_bytes).c_str(), r.fits ? "fits" : "does NOT fit");
   return buf;
 }

@@ -52,6 +52,27 @@ TEST(Plan, ShardingDividesTheFrozenWeightsAndAddsCommunication) {
   EXPECT_GT(plan_mesh(in, 2, 2).activation_bytes, sharded.activation_bytes);
 }
 
+// lst: no backbone activations (the backbone runs without autograd), only the ladders' inputs
+// and the narrow side blocks; FLOPs of one backbone forward plus the side network's forward
+// and backward; the pipeline sends [x | h] forward and only dh back.
+TEST(Plan, LstKeepsNoBackboneActivations) {
+  PlanInput in = lora("vit_base_patch16_224", 1);
+  PlanResult l = plan_mesh(in, 1, 1);
+  in.peft.method = "lst";
+  PlanResult s = plan_mesh(in, 1, 1);
+  const double N = 197, D = 768, w = 96, Ms = 384, B = 8;
+  EXPECT_DOUBLE_EQ(s.activation_bytes, 12 * B * 4 * (N * D + 13 * N * w + N * Ms + 1 * N * N));
+  EXPECT_LT(s.activation_bytes, l.activation_bytes / 5);
+  const double side_fwd = 2 * N * D * w * 13 + 12 * (8 * N * w * w + 4 * N * w * Ms + 4 * N * N * w);
+  EXPECT_NEAR(s.flops_per_step, B * (35.1e9 + 3 * side_fwd), B * 1e9);
+  EXPECT_LT(s.flops_per_step, 0.6 * l.flops_per_step);
+  in.world = 2;
+  PlanResult piped = plan_mesh(in, 1, 2);
+  EXPECT_DOUBLE_EQ(piped.pp_send_bytes, B * N * ((D + w) + w) * 4);
+  in.peft.side_blocks = "6-11";  // ladders on the second stage only
+  EXPECT_DOUBLE_EQ(plan_mesh(in, 1, 2).activation_bytes, 6 * B * 4 * (N * D + 13 * N * w + N * Ms + N * N));
+}
+
 TEST(Plan, SearchFindsTheSmallestMeshThatFits) {
   PlanInput in = lora("vit_22b", 64);
   in.global_batch = 64;
