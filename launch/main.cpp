@@ -309,6 +309,28 @@ void preflight(const RunConfig& rc) {
   if (rc.peft.method == "full" && rc.parallel.tp > 1)
     throw UsageError("peft.method=full with parallel.tp=" + std::to_string(rc.parallel.tp) +
                      ": full fine-tuning trains the sharded weights themselves; use parallel.tp=1");
+  if (rc.train.cache_backbone) {
+    if (rc.peft.method != "linear" && rc.peft.method != "lst")
+      throw UsageError("train.cache_backbone=true with peft.method=" + rc.peft.method +
+                       ": the method trains parts of the backbone before the cached outputs (only linear and lst "
+                       "leave the whole backbone frozen)");
+    if (rc.data.transform == "timm_train")
+      throw UsageError("train.cache_backbone=true with data.transform=timm_train: a random augmentation gives each "
+                       "epoch other backbone outputs; use vtab or timm_eval, or leave the cache off");
+    if (rc.parallel.pp > 1)
+      throw UsageError("train.cache_backbone=true with parallel.pp=" + std::to_string(rc.parallel.pp) +
+                       ": the cache needs the whole backbone on one stage (parallel.pp=1)");
+    if (rc.train.cache_max_gb <= 0)
+      throw UsageError("train.cache_max_gb=" + std::to_string(rc.train.cache_max_gb) + " must be positive");
+  }
+  if (rc.peft.method == "lst") {  // the side stream's shape and ladders (side_config and side_block_set name the key)
+    try {
+      side_config(rc.model, rc.peft);
+      side_block_set(rc.peft, rc.model.depth);
+    } catch (const std::invalid_argument& e) {
+      throw UsageError(e.what());
+    }
+  }
   if (!rc.peft.targets.empty()) {
     std::vector<std::string> modules;
     for (const auto& [name, _] : rc.model.parameter_shapes())

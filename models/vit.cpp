@@ -361,6 +361,47 @@ torch::Tensor VisionTransformerImpl::side_forward(const torch::Tensor& input) {
   return head ? head->forward(features) : features;
 }
 
+std::vector<torch::Tensor> VisionTransformerImpl::frozen_outputs(const torch::Tensor& images) {
+  if (!part.embed || !part.head) throw std::logic_error("frozen_outputs: a whole model only");
+  torch::NoGradGuard frozen;
+  std::vector<torch::Tensor> out;
+  torch::Tensor x = embed(images);
+  const bool side = side_width > 0;
+  if (side) out.push_back(x);
+  // As forward: without a side stream the last block computes the cls token alone.
+  const bool cls_only = !side && config.global_pool != "avg";
+  for (size_t i = 0; i < stage_blocks.size(); ++i) {
+    x = stage_blocks[i]->forward(x, cls_only && i + 1 == stage_blocks.size() ? 1 : 0);
+    if (side && stage_blocks[i]->side) out.push_back(x);
+  }
+  out.push_back((config.global_pool == "avg" ? fc_norm : norm)->forward(pool(x)));
+  return out;
+}
+
+torch::Tensor VisionTransformerImpl::from_frozen_outputs(const std::vector<torch::Tensor>& outputs) {
+  torch::Tensor features = outputs.back();
+  if (side_width > 0) {
+    size_t k = 0;
+    torch::Tensor h = side_in->forward(outputs.at(k++));
+    for (Block& b : stage_blocks)
+      if (b->side) h = b->side->forward(outputs.at(k++), h);
+    features = features + side_out->forward(pool(h));
+  }
+  return head ? head->forward(features) : features;
+}
+
+std::vector<std::vector<int64_t>> VisionTransformerImpl::frozen_output_shapes() const {
+  std::vector<std::vector<int64_t>> out;
+  const std::vector<int64_t> tokens{config.num_tokens(), config.dim};
+  if (side_width > 0) {
+    out.push_back(tokens);
+    for (const Block& b : stage_blocks)
+      if (b->side) out.push_back(tokens);
+  }
+  out.push_back({config.dim});
+  return out;
+}
+
 torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& input) {
   if (side_width > 0) return side_forward(input);
   torch::Tensor x = part.embed ? embed(input) : input;

@@ -238,6 +238,16 @@ struct VisionTransformerImpl : torch::nn::Module {
   // The pooled tokens [B, T, C] -> [B, C] as the head pools them (cls token or patch mean).
   torch::Tensor pool(const torch::Tensor& tokens) const;
 
+  // The model split at its frozen part (train.cache_backbone; a whole model whose trainable
+  // parameters are the head's, and with a side stream the side network's):
+  //   frozen_outputs(images)  what the trainable part reads, without autograd: the pooled,
+  //                           normed features [B, D]; with a side stream first the embedding's
+  //                           tokens and each ladder block's output [B, T, D], in block order;
+  //   from_frozen_outputs     the logits from them: forward(images), op for op.
+  std::vector<torch::Tensor> frozen_outputs(const torch::Tensor& images);
+  torch::Tensor from_frozen_outputs(const std::vector<torch::Tensor>& outputs);
+  std::vector<std::vector<int64_t>> frozen_output_shapes() const;  // per image, without the batch dim
+
   size_t num_blocks() const { return stage_blocks.size(); }
   Block block(size_t i) const { return stage_blocks[i]; }  // i-th block of this stage
   int64_t block_index(size_t i) const { return part.first_block + static_cast<int64_t>(i); }  // global

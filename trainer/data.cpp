@@ -443,9 +443,21 @@ void Prefetcher::work() {
     try {
       if (ds_.file_backed()) {
         const int64_t index = p->idx[slot].item<int64_t>(), epoch = p->epochs[static_cast<size_t>(slot)];
-        p->images[slot].copy_(decode_sample(ds_, index, data::sample_seed(cfg_.seed, epoch, index), t, model_, cfg_));
-      } else {
+        if (!skip_ || !skip_(index))
+          p->images[slot].copy_(decode_sample(ds_, index, data::sample_seed(cfg_.seed, epoch, index), t, model_, cfg_));
+      } else if (!skip_) {
         p->images = preprocess(ds_, p->idx, model_, cfg_);
+      } else {  // only the rows not skipped, each as the whole batch would give it (per image)
+        std::vector<int64_t> rows;
+        const auto* id = p->idx.data_ptr<int64_t>();
+        for (int64_t j = 0; j < p->idx.numel(); ++j)
+          if (!skip_(id[j])) rows.push_back(j);
+        torch::Tensor images = torch::empty({p->idx.size(0), model_.in_chans, model_.image_size, model_.image_size});
+        if (!rows.empty()) {
+          torch::Tensor r = torch::tensor(rows, torch::kInt64);
+          images.index_copy_(0, r, preprocess(ds_, p->idx.index_select(0, r), model_, cfg_));
+        }
+        p->images = images;
       }
     } catch (...) {
       std::lock_guard<std::mutex> l(m_);
@@ -475,7 +487,7 @@ Batch Prefetcher::get(int64_t step) {
   }
   work_cv_.notify_all();
   if (p->error) std::rethrow_exception(p->error);
-  return {decode_ ? p->images : torch::Tensor(), p->labels};
+  return {decode_ ? p->images : torch::Tensor(), p->labels, p->idx};
 }
 
 }  // namespace shardtune

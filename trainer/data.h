@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -103,6 +104,7 @@ torch::Tensor batch_indices(int64_t n, int64_t global_batch, uint64_t seed, int6
 
 struct Batch {
   torch::Tensor images, labels;
+  torch::Tensor indices;  // the samples, int64 [n]
 };
 
 // The training batches of this dp rank, in step order, made ahead by data.workers threads
@@ -116,6 +118,10 @@ class Prefetcher {
   Prefetcher(const Prefetcher&) = delete;
   Prefetcher& operator=(const Prefetcher&) = delete;
   Batch get(int64_t step);
+  // Samples for which `skip(index)` holds (checked on the decode threads when a batch is made)
+  // are not decoded: their rows of Batch::images are left unwritten (train.cache_backbone).
+  // Set before the first get().
+  void skip_when(std::function<bool(int64_t)> skip) { skip_ = std::move(skip); }
   double wait_seconds() const { return wait_s_; }  // spent in get() waiting for a batch
   int workers() const { return workers_; }
 
@@ -145,6 +151,7 @@ class Prefetcher {
   bool stopping_ = false;
   std::vector<std::thread> threads_;
   double wait_s_ = 0;
+  std::function<bool(int64_t)> skip_;
 };
 
 }  // namespace shardtune

@@ -27,6 +27,7 @@
 #include "peft/adapter_io.h"
 #include "peft/method.h"
 #include "sharding/stage_model.h"
+#include "trainer/backbone_cache.h"
 #include "trainer/checkpoint.h"
 
 namespace shardtune {
@@ -211,6 +212,8 @@ struct Run {
   std::vector<PipeOp> ops;                // this stage's schedule of one step
   int64_t trainable_params = 0;           // over every stage
   double pipe_forward_bytes = 0, pipe_backward_bytes = 0;  // this rank's pipeline sends in the last step
+  std::unique_ptr<BackboneCache> cache;   // train.cache_backbone
+  int64_t cache_hits = 0, cache_misses = 0;  // samples read from it / computed, over this run
 };
 
 // What one optimizer step measured.
@@ -246,6 +249,15 @@ void set_up(Run& r) {
   // gradient is the whole batch's mean; the dp buckets launch during the last backward.
   r.microbatches = std::max<int64_t>(1, spec.microbatches);
   r.ops = pipeline_schedule(spec.schedule, r.b.role.stage, r.b.role.stages, static_cast<int>(r.microbatches));
+  if (spec.train.cache_backbone) {
+    // This rank sees its share of every global batch: at most the whole set over the run.
+    const int64_t seen = r.total * spec.data.batch_size / r.mesh.dims.dp;
+    r.cache = std::make_unique<BackboneCache>(r.data.train.size(), r.b.model->frozen_output_shapes(), compute_dtype(spec),
+                                              spec.train.cache_max_gb, seen);
+    if (r.rank0)
+      spdlog::info("backbone cache: {:.3g} MB an image, up to {:.3g} GB per rank", r.cache->bytes_per_image() / 1e6,
+                   r.cache->bytes_per_image() * static_cast<double>(std::min(r.data.train.size(), seen)) / 1e9);
+  }
 }
 
 // The step to start from: 0, or the checkpoint's (all ranks call it).
@@ -278,14 +290,42 @@ StepStats train_step(Run& r, const Batch& batch, int64_t step) {
   const Mesh& mesh = r.mesh;
   const int64_t m = r.microbatches;
   if (r.opt) r.opt->zero_grad();
-  // Stages after the first get no images (only the first decodes).
-  auto images = batch.images.defined() ? on_device(batch.images.to(compute_dtype(spec)), mesh).chunk(m)
-                                       : std::vector<torch::Tensor>(static_cast<size_t>(m));
+  // Stages after the first get no images (only the first decodes). With the cache, the rows of
+  // cached samples were not decoded: only the others are read (images_of).
+  const bool whole_batch = batch.images.defined() && !r.cache;
+  auto images = whole_batch ? on_device(batch.images.to(compute_dtype(spec)), mesh).chunk(m)
+                            : std::vector<torch::Tensor>(static_cast<size_t>(m));
+  auto images_of = [&](const torch::Tensor& rows) {
+    return on_device(batch.images.index_select(0, rows).to(compute_dtype(spec)), mesh);
+  };
   auto labels = on_device(batch.labels, mesh).chunk(m);
   double local_loss = 0;
   StageHooks hooks;
   hooks.input = [&](int mb) { return images[static_cast<size_t>(mb)]; };
   hooks.forward = [&](const torch::Tensor& x) { return r.b.model->forward(x); };
+  std::vector<torch::Tensor> cached;  // train.cache_backbone: the batch's frozen outputs
+  if (r.cache) {
+    // The backbone runs on the samples not cached yet (their images were decoded), once, as
+    // one batch; a micro-batch's input is then its rows of the frozen outputs.
+    std::vector<int64_t> missing;
+    const torch::Tensor& idx = batch.indices;
+    for (int64_t j = 0; j < idx.numel(); ++j)
+      if (!r.cache->has(idx[j].item<int64_t>())) missing.push_back(j);
+    if (!missing.empty()) {
+      torch::Tensor rows = torch::tensor(missing, torch::kInt64);
+      r.cache->put(idx.index_select(0, rows), r.b.model->frozen_outputs(images_of(rows)));
+    }
+    r.cache_misses += static_cast<int64_t>(missing.size());
+    r.cache_hits += idx.numel() - static_cast<int64_t>(missing.size());
+    cached = r.cache->get(idx);
+    auto positions = torch::arange(idx.numel(), torch::kInt64).chunk(m);
+    hooks.input = [positions](int mb) { return positions[static_cast<size_t>(mb)]; };
+    hooks.forward = [&](const torch::Tensor& rows) {
+      std::vector<torch::Tensor> mine;
+      for (const auto& t : cached) mine.push_back(t.index_select(0, rows));
+      return r.b.model->from_frozen_outputs(mine);
+    };
+  }
   hooks.loss = [&](int mb, const torch::Tensor& logits) {
     torch::Tensor loss = torch::nn::functional::cross_entropy(
         logits.to(torch::kFloat32), labels[static_cast<size_t>(mb)],
@@ -403,6 +443,14 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     summary["checkpoint_bytes_read_max_rank"] = loaded_bytes;
     summary["data_wait_fraction"] = data_wait;  // share of the step time spent waiting for the loader (max rank)
     summary["skipped_images"] = static_cast<int64_t>(skipped);
+    if (r.cache) {  // rank 0's figures (every dp rank caches its own share)
+      json::Json c;
+      c["images"] = r.cache->images();
+      c["mb"] = r.cache->bytes() / 1e6;
+      c["hits"] = r.cache_hits;
+      c["misses"] = r.cache_misses;
+      summary["backbone_cache"] = c;
+    }
     json::Json mj;
     mj["dp"] = mesh.dims.dp;
     mj["tp"] = mesh.dims.tp;
@@ -445,6 +493,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
 
   Metrics metrics(spec.output.dir, r.rank0, step);
   Prefetcher prefetch(r.data.train, spec.model, spec.data, mesh.dp_rank(), mesh.dims.dp, r.b.role.first());
+  if (r.cache) prefetch.skip_when([cache = r.cache.get()](int64_t index) { return cache->has(index); });
   double busy_s = 0, data_wait_s = 0;  // over the steps after the first (which fills the queue)
   const bool tty = r.rank0 && ::isatty(STDERR_FILENO);
   std::vector<double> step_times, wait_fractions;
