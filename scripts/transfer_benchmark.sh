@@ -8,6 +8,7 @@
 #   3. print a markdown table: method, trainable parameters, the chosen lr, val and test
 #      top-1 (5,000 test images of classes 5-9), median step time.
 # usage: scripts/transfer_benchmark.sh [RANKS]   (default 2, under mpirun)
+#        METHODS="lora lst" scripts/transfer_benchmark.sh   (only those rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ranks=${1:-2}
@@ -17,7 +18,8 @@ run=(mpirun --oversubscribe -np "$ranks" build/shardtune)
 if [[ ! -f runs/fmnist_pretrain/backbone.safetensors ]]; then
   "${run[@]}" train --config configs/fmnist_pretrain.ini --output.resume never --log-level warn
 fi
-methods=(full linear lora adapter adaptformer vpt_shallow vpt_deep prefix bitfit ln_tune ssf fact_tt)
+methods=(full linear lora adapter adaptformer vpt_shallow vpt_deep prefix bitfit ln_tune ssf fact_tt lst)
+[[ -n "${METHODS:-}" ]] && read -r -a methods <<<"$METHODS"  # e.g. METHODS="lora lst"
 lrs=(0.001 0.003 0.01)
 field() { grep -o "\"$2\": [^,}]*" "$1" | head -1 | awk '{print $2}'; }
 echo "| method | trainable params | lr (chosen on val) | val top-1 | test top-1 | step time (ms) |"

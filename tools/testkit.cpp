@@ -17,7 +17,12 @@
 //       FILE decoded and put through data.transform KIND (mean 0, std 1; timm_train with
 //       seed 0) as raw float32 [C, SIZE, SIZE]; `decode` as KIND: the decoded bytes [H, W, C];
 //       prints the shape; more groups of the six may follow
+//   matmul-peak
+//       the host's 4096 x 4096 matmul rate through this LibTorch (torch::mm, best of 8 after a
+//       warm-up) in fp32 and bf16: {"fp32": GFLOP/s, "bf16": GFLOP/s}, for benchmark tables
 #include <torch/torch.h>
+
+#include <chrono>
 
 #include <boost/program_options/options_description.hpp>
 #include <boost/program_options/value_semantic.hpp>
@@ -34,6 +39,7 @@
 
 #include "io/idx.h"
 #include "launch/config.h"
+#include "common/runtime.h"
 #include "models/checkpoint.h"
 #include "models/vit.h"
 #include "peft/adapter_io.h"
@@ -188,6 +194,26 @@ int compare(char** a) {
   return worst <= tol ? 0 : 1;
 }
 
+int matmul_peak() {
+  configure_runtime();  // the threads shardtune itself runs with (oneDNN's OpenMP pool included)
+  std::cout << "{";
+  const char* sep = "";
+  for (auto [name, dtype] : {std::pair<const char*, torch::ScalarType>{"fp32", torch::kFloat32}, {"bf16", torch::kBFloat16}}) {
+    torch::Tensor a = torch::randn({4096, 4096}).to(dtype), b = torch::randn({4096, 4096}).to(dtype);
+    torch::mm(a, b);
+    double best = 1e30;
+    for (int i = 0; i < 8; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      torch::mm(a, b);
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::cout << sep << "\"" << name << "\": " << static_cast<int>(2.0 * 4096 * 4096 * 4096 / best / 1e9);
+    sep = ", ";
+  }
+  std::cout << "}\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -199,6 +225,7 @@ int main(int argc, char** argv) {
     if (cmd == "make-peft-lora" && argc == 7) return make_peft_lora(argv + 2);
     if (cmd == "peft-merge" && argc == 5) return peft_merge(argv + 2);
     if (cmd == "image-folder" && argc == 6) return image_folder(argv + 2);
+    if (cmd == "matmul-peak" && argc == 2) return matmul_peak();
     if (cmd == "transform" && argc >= 8 && (argc - 2) % 6 == 0) return transform(argc - 2, argv + 2);
   } catch (const std::exception& e) {
     std::cerr << "shardtune_testkit " << cmd << ": error: " << e.what() << "\n";
@@ -210,6 +237,7 @@ int main(int argc, char** argv) {
                "       shardtune_testkit peft-merge BACKBONE.safetensors ADAPTER_DIR OUT.safetensors\n"
                "       shardtune_testkit compare A.safetensors B.safetensors TENSOR RTOL\n"
                "       shardtune_testkit image-folder IDX_ROOT OUT N_TRAIN N_TEST\n"
+               "       shardtune_testkit matmul-peak\n"
                "       shardtune_testkit transform FILE KIND|decode INTERP SIZE CHANS OUT [FILE KIND ...]\n";
   return 2;
 }
