@@ -214,6 +214,7 @@ struct Run {
   double pipe_forward_bytes = 0, pipe_backward_bytes = 0;  // this rank's pipeline sends in the last step
   std::unique_ptr<BackboneCache> cache;   // train.cache_backbone
   int64_t cache_hits = 0, cache_misses = 0;  // samples read from it / computed, over this run
+  double loop_seconds = 0;                // the training loop of this run, wall clock (rank 0's)
 };
 
 // What one optimizer step measured.
@@ -431,6 +432,7 @@ double finish_run(Run& r, int64_t step, Metrics& metrics, const std::vector<doub
     summary["trainable_params"] = r.trainable_params;
     summary["total_params"] = static_cast<int64_t>(spec.model.param_count());
     summary["steps"] = step;
+    summary["train_loop_s"] = r.loop_seconds;  // this run's steps (and periodic evals), wall clock
     const double st = median(step_times);
     summary["step_time_s"] = st;
     summary["images_per_sec"] = st > 0 ? static_cast<double>(spec.data.batch_size) / st : 0.0;
@@ -498,6 +500,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   const bool tty = r.rank0 && ::isatty(STDERR_FILENO);
   std::vector<double> step_times, wait_fractions;
   const int64_t first_step = step;
+  const auto loop_start = std::chrono::steady_clock::now();
   r.b.model->train();
   while (step < r.total) {
     auto profile = maybe_profile(spec, step, mesh.rank);
@@ -550,6 +553,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
     }
   }
   mesh.world->barrier();
+  r.loop_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
   return finish_run(r, step, metrics, step_times, wait_fractions, busy_s > 0 ? data_wait_s / busy_s : 0.0);
 }
 
