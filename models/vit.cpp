@@ -344,10 +344,13 @@ torch::Tensor VisionTransformerImpl::side_forward(const torch::Tensor& input) {
     x = part.embed ? embed(input) : input.narrow(-1, 0, D);
   }
   h = part.embed ? side_in->forward(x) : input.narrow(-1, D, side_width);
-  for (Block& b : stage_blocks) {
+  // The last block computes the cls token alone unless a ladder reads all of its tokens.
+  const bool cls_only = part.head && config.global_pool != "avg" && !stage_blocks.empty() && !stage_blocks.back()->side;
+  for (size_t i = 0; i < stage_blocks.size(); ++i) {
+    Block& b = stage_blocks[i];
     {
       torch::NoGradGuard frozen;
-      x = b->forward(x);
+      x = b->forward(x, cls_only && i + 1 == stage_blocks.size() ? 1 : 0);
     }
     if (b->side) h = b->side->forward(x, h);
   }
@@ -368,8 +371,8 @@ std::vector<torch::Tensor> VisionTransformerImpl::frozen_outputs(const torch::Te
   torch::Tensor x = embed(images);
   const bool side = side_width > 0;
   if (side) out.push_back(x);
-  // As forward: without a side stream the last block computes the cls token alone.
-  const bool cls_only = !side && config.global_pool != "avg";
+  // As forward: the last block computes the cls token alone unless a ladder reads it.
+  const bool cls_only = config.global_pool != "avg" && !stage_blocks.empty() && !stage_blocks.back()->side;
   for (size_t i = 0; i < stage_blocks.size(); ++i) {
     x = stage_blocks[i]->forward(x, cls_only && i + 1 == stage_blocks.size() ? 1 : 0);
     if (side && stage_blocks[i]->side) out.push_back(x);

@@ -232,7 +232,8 @@ struct VisionTransformerImpl : torch::nn::Module {
   std::vector<Block> stage_blocks;              // this stage's blocks, in order
 
   // forward with a side stream: the frozen layers under NoGradGuard (no graph, nothing saved),
-  // every block whole (the side blocks read every token of the last block too), h starting
+  // every block whole where a ladder reads it (the last block computes the cls token alone
+  // only when it has no ladder), h starting
   // as side_in(tokens) on the first stage; the head reads pool(norm(x)) + side_out(pool(h)).
   torch::Tensor side_forward(const torch::Tensor& input);
   // The pooled tokens [B, T, C] -> [B, C] as the head pools them (cls token or patch mean).

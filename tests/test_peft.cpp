@@ -309,11 +309,13 @@ INSTANTIATE_TEST_SUITE_P(Methods, PeftGradients,
 // up-projection added to the pooled features. The side blocks are the model's own ViT blocks
 // (checked against timm elsewhere); everything around them is rebuilt here.
 TEST(Peft, LstForwardIsTheLadderFormula) {
-  for (const ViTConfig& c : tiny_variants()) {
+  // A ladder on the last block, or only on the first (the last block then computes the cls token alone).
+  for (const ViTConfig& c : tiny_variants())
+  for (const int64_t ladder : {1, 0}) {
     VisionTransformer m = make(c, 7);
     PeftConfig p = peft("lst");
     p.side_reduction = 4;
-    p.side_blocks = "1";
+    p.side_blocks = std::to_string(ladder);
     PeftState s = apply_peft(*m, p);
     perturb(s);
     m->to(torch::kFloat64);
@@ -331,18 +333,20 @@ TEST(Peft, LstForwardIsTheLadderFormula) {
     torch::Tensor h = lin(tokens, "side_in.down");
     for (size_t i = 0; i < m->num_blocks(); ++i) {
       tokens = m->block(i)->forward(tokens);
-      if (i != 1) continue;
-      const torch::Tensor mu = torch::sigmoid(P.at("blocks.1.side.gate") / 0.1);
+      if (static_cast<int64_t>(i) != ladder) continue;
+      const std::string at = "blocks." + std::to_string(ladder) + ".side.";
+      const torch::Tensor mu = torch::sigmoid(P.at(at + "gate") / 0.1);
       auto side_block = m->block(i)->side->named_children()["block"];
       auto* block = dynamic_cast<BlockImpl*>(side_block.get());
       ASSERT_NE(block, nullptr);
-      h = block->forward(mu * h + (1 - mu) * lin(tokens, "blocks.1.side.down"));
+      h = block->forward(mu * h + (1 - mu) * lin(tokens, at + "down"));
     }
     const bool avg = c.global_pool == "avg";
     auto pool = [&](const torch::Tensor& t) { return avg ? t.slice(1, 1).mean(1) : t.select(1, 0); };
     torch::Tensor features = ln(pool(tokens), avg ? "fc_norm" : "norm") + lin(ln(pool(h), "side_out.norm"), "side_out.up");
     torch::Tensor ref = lin(features, "head");
-    EXPECT_LT(rel_err(m->forward(x), ref), 1e-12) << describe(c);
+    EXPECT_LT(rel_err(m->forward(x), ref), 1e-12) << describe(c) << " ladder on block " << ladder;
+    EXPECT_LT(rel_err(m->from_frozen_outputs(m->frozen_outputs(x)), ref), 1e-12) << describe(c) << " (split at the cache)";
   }
 }
 
