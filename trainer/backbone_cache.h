@@ -5,8 +5,11 @@
 // Valid only when an image always gives the same outputs: a deterministic data.transform and a
 // method with nothing trainable inside the cached part (linear, lst); the trainer checks both.
 // Keyed by sample index; each data-parallel rank caches the samples it sees. Kept in the
-// compute dtype (at fp32 the cached run is bit-identical to the uncached one). Not part of a
-// checkpoint: a resumed run starts with an empty cache and fills it again.
+// compute dtype: at fp32 the cached run is bit-identical to the uncached one when the backbone
+// runs on the same batch shapes in both (one process, one micro-batch, epochs of whole
+// batches: tested); otherwise, where a batch mixes cached and new samples, the backbone runs
+// on a sub-batch and a GEMM of another shape may round differently (fp32 rounding, no more).
+// Not part of a checkpoint: a resumed run starts with an empty cache and fills it again.
 #pragma once
 
 #include <torch/torch.h>
@@ -28,7 +31,7 @@ class BackboneCache {
                 int64_t samples);
 
   // Whether sample `index` is cached (any thread).
-  bool has(int64_t index) const { return filled_[static_cast<size_t>(index)].load(std::memory_order_acquire) != 0; }
+  bool has(int64_t index) const { return slot_[static_cast<size_t>(index)].load(std::memory_order_acquire) >= 0; }
   // Keeps row j of every output for sample idx[j].
   void put(const torch::Tensor& idx, const std::vector<torch::Tensor>& outputs);
   // The outputs of samples `idx`, each [idx.size(0), ...].
@@ -39,8 +42,10 @@ class BackboneCache {
   double bytes() const { return bytes_per_image_ * static_cast<double>(images_); }
 
  private:
-  std::vector<torch::Tensor> store_;  // [n, ...] each; a row is written once, when first seen
-  std::unique_ptr<std::atomic<uint8_t>[]> filled_;
+  // [capacity, ...] each, capacity = the samples this rank can see; a sample takes the next
+  // row when first seen (so the memory is what the bound says, whatever the set's size).
+  std::vector<torch::Tensor> store_;
+  std::unique_ptr<std::atomic<int64_t>[]> slot_;  // per sample: its row, or -1
   int64_t images_ = 0;
   double bytes_per_image_ = 0;
 };

@@ -252,7 +252,7 @@ void set_up(Run& r) {
   r.ops = pipeline_schedule(spec.schedule, r.b.role.stage, r.b.role.stages, static_cast<int>(r.microbatches));
   if (spec.train.cache_backbone) {
     // This rank sees its share of every global batch: at most the whole set over the run.
-    const int64_t seen = r.total * spec.data.batch_size / r.mesh.dims.dp;
+    const int64_t dp = r.mesh.dims.dp, seen = r.total * ((spec.data.batch_size + dp - 1) / dp);
     r.cache = std::make_unique<BackboneCache>(r.data.train.size(), r.b.model->frozen_output_shapes(), compute_dtype(spec),
                                               spec.train.cache_max_gb, seen);
     if (r.rank0)

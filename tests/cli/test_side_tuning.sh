@@ -68,6 +68,9 @@ done
 expect 0 "done: eval top-1" -- mpi 2 "$st" "${train[@]}" "${lst[@]}" "${cache_run[@]}" --train.cache_backbone true \
   --output.dir "$work/cache_dp2"
 expect 0 '"hits": [1-9]' -- cat "$work/cache_dp2/summary.json"
+# A run shorter than an epoch: rows for the 32 images it sees, not the 64 of the set.
+expect 0 "backbone cache: .* up to 0.000352 GB per rank" -- "$st" "${train[@]}" "${lst[@]}" --data.train_samples 64 \
+  --data.val_samples 16 --train.steps 2 --train.cache_backbone true --log-level info --output.dir "$work/cache_short"
 # bf16: the cache keeps the bf16 outputs, the run trains.
 expect 0 "done: eval top-1" -- "$st" "${train[@]}" "${lst[@]}" "${cache_run[@]}" --train.precision bf16 \
   --train.cache_backbone true --output.dir "$work/cache_bf16"

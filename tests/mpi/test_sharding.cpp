@@ -190,10 +190,14 @@ double tolerance(const std::string& method) { return method == "lora_peft" ? 3e-
 // process already: LST's gate alpha_0 is a scalar summing mu' (h - down(x)) over every token
 // and channel, and one process in fp32 is 1.0e-4 from float64 there (measured). Such a tensor
 // may differ across meshes by up to twice what fp32 itself makes on one process (against the
-// float64 run of the same model); every other tensor keeps tolerance(method).
+// float64 run of the same model). Only LST's gates get this floor; every other tensor keeps
+// tolerance(method).
 std::map<std::string, double> fp32_floor(const Result& fp32, const Result& fp64) {
   std::map<std::string, double> out;
-  for (const auto& [name, g] : fp32.grads) out[name] = 2 * max_rel_err(g.to(torch::kFloat64), fp64.grads.at(name));
+  for (const auto& [name, g] : fp32.grads) {
+    const bool gate = name.size() > 10 && name.compare(name.size() - 10, 10, ".side.gate") == 0;
+    out[name] = gate ? 2 * max_rel_err(g.to(torch::kFloat64), fp64.grads.at(name)) : 0.0;
+  }
   return out;
 }
 
@@ -202,7 +206,9 @@ TEST(Sharding, EveryMeshMatchesOneProcessForEveryMethod) {
   Mesh self = self_mesh();
   for (const auto& method : kMethods) {
     const Result ref = run(method, self, "1f1b", 1);
-    const auto floor = fp32_floor(ref, run(method, self, "1f1b", 1, true, ops::default_ops(), torch::kFloat64));
+    const auto floor = method.rfind("lst", 0) == 0
+                           ? fp32_floor(ref, run(method, self, "1f1b", 1, true, ops::default_ops(), torch::kFloat64))
+                           : std::map<std::string, double>();
     for (auto [tp, pp] : meshes()) {
       if (method == "fact_tt" && pp > 1) continue;  // shares its factors across all blocks: tp only
       Mesh mesh = make_mesh(ParallelDims::make(world_size(), tp, pp));
@@ -211,7 +217,7 @@ TEST(Sharding, EveryMeshMatchesOneProcessForEveryMethod) {
       ASSERT_FALSE(got.grads.empty() && method != "linear" && mesh.pp_rank() == mesh.dims.pp - 1) << what;
       for (const auto& [name, g] : got.grads) {
         ASSERT_TRUE(ref.grads.count(name)) << what << ": " << name << " is not a parameter of the whole model";
-        EXPECT_LT(max_rel_err(g, ref.grads.at(name)), std::max(tolerance(method), floor.at(name)))
+        EXPECT_LT(max_rel_err(g, ref.grads.at(name)), std::max(tolerance(method), floor.count(name) ? floor.at(name) : 0.0))
             << what << ": gradient of " << name;
       }
       if (got.logits.defined()) {
