@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "distributed/mesh.h"
@@ -23,7 +24,10 @@ int main(int argc, char** argv) {
     std::cout << "rank " << mpi.rank() << " passed the barrier (should not happen)\n";
     return 0;
   } catch (const std::exception& e) {
-    std::cerr << "[rank " << mpi.rank() << "] error: " << e.what() << "; aborting the job\n";
+    // One write: std::cerr is unbuffered, so piecewise `<<` makes one write a piece, and mpiexec's
+    // abort notice can land between them ("[rank " and "1] error: ..." apart: a failed check).
+    const std::string line = "[rank " + std::to_string(mpi.rank()) + "] error: " + e.what() + "; aborting the job\n";
+    std::cerr << line << std::flush;
     shardtune::MpiRuntime::abort_job(3);
   }
 }
