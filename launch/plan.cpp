@@ -33,6 +33,14 @@ double block_params_per_rank(const ViTConfig& m, int tp) {
   return split / tp + whole;
 }
 
+// Elements autograd keeps per block per image for a frozen block's step (see the header):
+// 3 N D + (10 N D + N M + H N^2) / tp.
+double kept_per_block(const ViTConfig& m, int tp) {
+  const double N = static_cast<double>(m.num_tokens()), D = static_cast<double>(m.dim),
+               M = static_cast<double>(m.mlp_dim), H = static_cast<double>(m.heads);
+  return 3 * N * D + (10 * N * D + N * M + H * N * N) / tp;
+}
+
 // Whether autograd runs through the backbone's blocks (keeps their activations): not for a
 // frozen backbone read by the head alone (linear, none) or by a side network (lst).
 bool backward_through_blocks(const std::string& method) {
@@ -49,13 +57,12 @@ struct SideCost {
 };
 SideCost side_cost(const ViTConfig& m, const PeftConfig& p) {
   const ViTConfig s = side_config(m, p);
-  const double N = static_cast<double>(m.num_tokens()), D = static_cast<double>(m.dim), w = static_cast<double>(s.dim),
-               Ms = static_cast<double>(s.mlp_dim), Hs = static_cast<double>(s.heads);
+  const double N = static_cast<double>(m.num_tokens()), D = static_cast<double>(m.dim), w = static_cast<double>(s.dim);
   SideCost c;
   c.ladders = static_cast<int64_t>(side_block_set(p, m.depth).size());
-  const double block = 8 * N * w * w + 4 * N * w * Ms + 4 * N * N * w;
-  c.flops_per_image = 2 * N * D * w * static_cast<double>(c.ladders + 1) + block * static_cast<double>(c.ladders);
-  c.keep_per_ladder = N * D + 13 * N * w + N * Ms + Hs * N * N;
+  c.flops_per_image = 2 * N * D * w * static_cast<double>(c.ladders + 1) +
+                      s.block_forward_flops_per_image() * static_cast<double>(c.ladders);
+  c.keep_per_ladder = N * D + kept_per_block(s, 1);
   return c;
 }
 
@@ -113,7 +120,7 @@ PlanResult plan_mesh(const PlanInput& in, int tp, int pp) {
 
   // Per block per image, elements autograd keeps (see the header); full also keeps the
   // inputs of every linear for the weight gradients.
-  double keep = 3 * N * D + (10 * N * D + N * M + H * N * N) / tp;
+  double keep = kept_per_block(m, tp);
   if (full) keep += N * D + (N * D + N * M) / tp;
   // One block's transient peak for a micro-batch: scores and their gradient, the MLP hidden
   // and its gradient, q k v.

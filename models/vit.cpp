@@ -14,8 +14,10 @@ std::shared_ptr<Op> layer_norm(int64_t width, const std::shared_ptr<const ops::O
   return std::make_shared<LayerNormOp>(width, ops);
 }
 
+}  // namespace
+
 // Initialises the plain layers; a swapped-in layer initialises itself.
-void init_op(const std::shared_ptr<Op>& op) {
+void init_layer(const std::shared_ptr<Op>& op) {
   if (!op) return;
   if (auto* ln = dynamic_cast<LayerNormOp*>(op.get())) {
     torch::nn::init::ones_(ln->weight);
@@ -25,8 +27,6 @@ void init_op(const std::shared_ptr<Op>& op) {
     if (dense->bias.defined()) torch::nn::init::zeros_(dense->bias);
   }
 }
-
-}  // namespace
 
 void seed_for_path(uint64_t seed, const std::string& path) {
   uint64_t h = 1469598103934665603ull ^ seed;  // FNV-1a over the seed and the path
@@ -293,7 +293,7 @@ void VisionTransformerImpl::init_weights() {
   const uint64_t seed = at::detail::getDefaultCPUGenerator().current_seed();
   auto init_at = [&](const std::string& path, const std::shared_ptr<Op>& op) {
     seed_for_path(seed, path);
-    init_op(op);
+    init_layer(op);
   };
   if (part.embed) {
     seed_for_path(seed, "pos_embed");
@@ -330,9 +330,17 @@ torch::Tensor VisionTransformerImpl::pool(const torch::Tensor& tokens) const {
                                      : tokens.select(1, 0);
 }
 
-torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {
+torch::Tensor VisionTransformerImpl::features(const torch::Tensor& tokens) {
   // The norm acts per token: pooling the cls token first is exact; avg pools, then norms.
-  torch::Tensor pooled = (config.global_pool == "avg" ? fc_norm : norm)->forward(pool(tokens));
+  return (config.global_pool == "avg" ? fc_norm : norm)->forward(pool(tokens));
+}
+
+bool VisionTransformerImpl::last_block_cls_only() const {
+  return part.head && config.global_pool != "avg" && !stage_blocks.empty() && !stage_blocks.back()->side;
+}
+
+torch::Tensor VisionTransformerImpl::head_forward(const torch::Tensor& tokens) {
+  torch::Tensor pooled = features(tokens);
   return head ? head->forward(pooled) : pooled;
 }
 
@@ -344,8 +352,7 @@ torch::Tensor VisionTransformerImpl::side_forward(const torch::Tensor& input) {
     x = part.embed ? embed(input) : input.narrow(-1, 0, D);
   }
   h = part.embed ? side_in->forward(x) : input.narrow(-1, D, side_width);
-  // The last block computes the cls token alone unless a ladder reads all of its tokens.
-  const bool cls_only = part.head && config.global_pool != "avg" && !stage_blocks.empty() && !stage_blocks.back()->side;
+  const bool cls_only = last_block_cls_only();
   for (size_t i = 0; i < stage_blocks.size(); ++i) {
     Block& b = stage_blocks[i];
     {
@@ -355,13 +362,13 @@ torch::Tensor VisionTransformerImpl::side_forward(const torch::Tensor& input) {
     if (b->side) h = b->side->forward(x, h);
   }
   if (!part.head) return torch::cat({x, h}, -1);
-  torch::Tensor features;
+  torch::Tensor f;
   {
     torch::NoGradGuard frozen;
-    features = (config.global_pool == "avg" ? fc_norm : norm)->forward(pool(x));
+    f = features(x);
   }
-  if (side_out) features = features + side_out->forward(pool(h));
-  return head ? head->forward(features) : features;
+  if (side_out) f = f + side_out->forward(pool(h));
+  return head ? head->forward(f) : f;
 }
 
 std::vector<torch::Tensor> VisionTransformerImpl::frozen_outputs(const torch::Tensor& images) {
@@ -371,26 +378,25 @@ std::vector<torch::Tensor> VisionTransformerImpl::frozen_outputs(const torch::Te
   torch::Tensor x = embed(images);
   const bool side = side_width > 0;
   if (side) out.push_back(x);
-  // As forward: the last block computes the cls token alone unless a ladder reads it.
-  const bool cls_only = config.global_pool != "avg" && !stage_blocks.empty() && !stage_blocks.back()->side;
+  const bool cls_only = last_block_cls_only();
   for (size_t i = 0; i < stage_blocks.size(); ++i) {
     x = stage_blocks[i]->forward(x, cls_only && i + 1 == stage_blocks.size() ? 1 : 0);
     if (side && stage_blocks[i]->side) out.push_back(x);
   }
-  out.push_back((config.global_pool == "avg" ? fc_norm : norm)->forward(pool(x)));
+  out.push_back(features(x));
   return out;
 }
 
 torch::Tensor VisionTransformerImpl::from_frozen_outputs(const std::vector<torch::Tensor>& outputs) {
-  torch::Tensor features = outputs.back();
+  torch::Tensor f = outputs.back();
   if (side_width > 0) {
     size_t k = 0;
     torch::Tensor h = side_in->forward(outputs.at(k++));
     for (Block& b : stage_blocks)
       if (b->side) h = b->side->forward(outputs.at(k++), h);
-    features = features + side_out->forward(pool(h));
+    f = f + side_out->forward(pool(h));
   }
-  return head ? head->forward(features) : features;
+  return head ? head->forward(f) : f;
 }
 
 std::vector<std::vector<int64_t>> VisionTransformerImpl::frozen_output_shapes() const {
@@ -408,8 +414,7 @@ std::vector<std::vector<int64_t>> VisionTransformerImpl::frozen_output_shapes() 
 torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& input) {
   if (side_width > 0) return side_forward(input);
   torch::Tensor x = part.embed ? embed(input) : input;
-  // Only token 0 reaches a cls-pooled head: the last block computes it alone.
-  const bool cls_only = part.head && config.global_pool != "avg";
+  const bool cls_only = last_block_cls_only();
   for (size_t i = 0; i < stage_blocks.size(); ++i)
     x = stage_blocks[i]->forward(x, cls_only && i + 1 == stage_blocks.size() ? 1 : 0);
   return part.head ? head_forward(x) : x;

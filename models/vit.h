@@ -238,6 +238,11 @@ struct VisionTransformerImpl : torch::nn::Module {
   torch::Tensor side_forward(const torch::Tensor& input);
   // The pooled tokens [B, T, C] -> [B, C] as the head pools them (cls token or patch mean).
   torch::Tensor pool(const torch::Tensor& tokens) const;
+  // What the head reads: the pooled tokens [B, T, D] after the final norm -> [B, D].
+  torch::Tensor features(const torch::Tensor& tokens);
+  // Whether this stage's last block computes the cls token alone (exact: nothing else reaches
+  // a cls-pooled head), i.e. on the last stage with token pooling and no ladder reading it.
+  bool last_block_cls_only() const;
 
   // The model split at its frozen part (train.cache_backbone; a whole model whose trainable
   // parameters are the head's, and with a side stream the side network's):
@@ -287,6 +292,10 @@ inline torch::Tensor cast_like(const torch::Tensor& t, const torch::Tensor& like
 // that path draws then depends on nothing else (not on which stage builds it, nor on the
 // order things were built in).
 void seed_for_path(uint64_t seed, const std::string& path);
+
+// timm's init of a plain layer: a DenseLinear trunc_normal(0.02) with zero bias, a LayerNorm
+// ones and zeros; any other (swapped-in) layer is left as it is.
+void init_layer(const std::shared_ptr<Op>& op);
 
 // Fills `t` in place from N(0, std) truncated to [-2 std, 2 std] (PyTorch's algorithm).
 void trunc_normal_(torch::Tensor t, double std);

@@ -136,13 +136,17 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> ViTConfig::parameter_s
   return s;
 }
 
-double ViTConfig::forward_flops_per_image() const {
+double ViTConfig::block_forward_flops_per_image() const {
   const double N = static_cast<double>(num_tokens()), D = static_cast<double>(dim),
                M = static_cast<double>(mlp_dim);
-  double block = 8 * N * D * D + 4 * N * D * M + 4 * N * N * D;
+  return 8 * N * D * D + 4 * N * D * M + 4 * N * N * D;
+}
+
+double ViTConfig::forward_flops_per_image() const {
+  const double D = static_cast<double>(dim);
   double patch = 2.0 * num_patches() * (in_chans * patch_size * patch_size) * D;
   double head = 2.0 * D * num_classes;
-  return patch + depth * block + head;
+  return patch + depth * block_forward_flops_per_image() + head;
 }
 
 }  // namespace shardtune

@@ -42,6 +42,7 @@ struct ViTConfig {
 
   // Forward FLOPs for one image (a multiply-add = 2 FLOPs): patch embedding + blocks + head.
   double forward_flops_per_image() const;
+  double block_forward_flops_per_image() const;  // one block's share of it
 };
 
 // A timm preset by name (vit_base_patch16_224, ..., vit_22b_patch14_224 alias vit_22b).

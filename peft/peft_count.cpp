@@ -34,8 +34,8 @@ int64_t peft_param_count(const ViTConfig& m, const PeftConfig& p) {
   }
   if (k == "lst") {
     const ViTConfig s = side_config(m, p);
-    const int64_t w = s.dim, ms = s.mlp_dim;
-    const int64_t ladder = D * w + w + 1 + 2 * w + 3 * w * w + 3 * w + w * w + w + 2 * w + w * ms + ms + ms * w + w;
+    const int64_t w = s.dim;
+    const int64_t ladder = D * w + w + 1 + s.block_param_count();  // down, gate, side block
     const int64_t in = D * w + w, out = 2 * w + w * D + D;
     return in + static_cast<int64_t>(side_block_set(p, L).size()) * ladder + out;
   }

@@ -72,20 +72,8 @@ void linear_init(DenseLinear& l) {  // torch.nn.Linear's
   l.bias.uniform_(-1.0 / std::sqrt(static_cast<double>(l.in_features)), 1.0 / std::sqrt(static_cast<double>(l.in_features)));
 }
 
-void timm_init(BlockImpl& b) {
-  torch::NoGradGuard g;
-  for (auto& p : b.named_parameters()) {
-    const std::string& n = p.key();
-    torch::Tensor t = p.value();
-    const bool norm = n.find("norm") != std::string::npos;
-    if (n.size() >= 5 && n.compare(n.size() - 5, 5, ".bias") == 0) {
-      t.zero_();
-    } else if (norm) {
-      t.fill_(1.0);
-    } else {
-      trunc_normal_(t, 0.02);
-    }
-  }
+void timm_init(BlockImpl& b) {  // in the block's forward order, as the model's own blocks
+  for (const auto* op : {&b.norm1, &b.attn->qkv, &b.attn->proj, &b.norm2, &b.mlp->fc1, &b.mlp->fc2}) init_layer(*op);
 }
 
 struct Lst : Method {
