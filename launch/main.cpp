@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -320,8 +321,11 @@ void preflight(const RunConfig& rc) {
     if (rc.parallel.pp > 1)
       throw UsageError("train.cache_backbone=true with parallel.pp=" + std::to_string(rc.parallel.pp) +
                        ": the cache needs the whole backbone on one stage (parallel.pp=1)");
-    if (rc.train.cache_max_gb <= 0)
-      throw UsageError("train.cache_max_gb=" + std::to_string(rc.train.cache_max_gb) + " must be positive");
+    if (!(rc.train.cache_max_gb > 0)) {
+      std::ostringstream v;
+      v << rc.train.cache_max_gb;
+      throw UsageError("train.cache_max_gb=" + v.str() + " must be positive");
+    }
   }
   if (rc.peft.method == "lst") {  // the side stream's shape and ladders (side_config and side_block_set name the key)
     try {

@@ -7,7 +7,8 @@
 # - train.cache_backbone: the adapter of a cached run is bit-identical to the uncached run's
 #   (linear and lst, fp32), the cache's figures are in summary.json, dp=2 caches per rank;
 # - bad input (a method that trains the backbone, timm_train, pp > 1, a cache too big for
-#   train.cache_max_gb, side keys out of range) is a usage error naming the keys.
+#   train.cache_max_gb or a bound that is not positive, side keys out of range) is a usage error
+#   naming the keys.
 # usage: test_side_tuning.sh SHARDTUNE TESTKIT MPIEXEC WORKDIR
 set -u
 st=$1 kit=$2 mpiexec=$3 work=$4
@@ -102,6 +103,8 @@ expect 2 "train.cache_backbone=true with parallel.pp=2" -- mpi 2 "$st" "${train[
 # 5 outputs (the embedding's tokens, 4 ladder inputs) of 17 x 32 floats and 32 features: 11,008 bytes an image.
 expect 2 "the cache needs 0.705 MB per rank \(64 images x 0.011 MB\), more than train.cache_max_gb=0.0001" -- \
   "$st" "${train[@]}" "${lst[@]}" "${cache_run[@]}" --train.cache_backbone true --train.cache_max_gb 0.0001 --output.dir "$work/bad"
+expect 2 "train.cache_max_gb=0 must be positive" -- "$st" "${train[@]}" "${lst[@]}" --train.cache_backbone true \
+  --train.cache_max_gb 0 --output.dir "$work/bad"
 expect 2 "peft.side_blocks=4: block 4 is not in \[0, model.depth=4\)" -- "$st" "${train[@]}" "${lst[@]}" --peft.side_blocks 4 \
   --output.dir "$work/bad"
 expect 2 "peft.side_reduction=0 must be in \[1, model.dim=32\]" -- "$st" "${train[@]}" "${lst[@]}" --peft.side_reduction 0 \
