@@ -79,7 +79,7 @@ po::options_description config_key_options() {
     ("train.grad_clip", po::value<double>(), "clip the global gradient norm (0: off)")
     ("train.label_smoothing", po::value<double>(), "cross-entropy label smoothing")
     ("train.precision", po::value<std::string>(), "fp32 | bf16 (frozen weights stored in bf16, trainable ones fp32)")
-    ("train.frozen_gemm", po::value<std::string>(), "GEMM kernels on CPU: auto (default: the fastest exact kernel per shape, measured at its first call and cached per host) | onednn (fp32: oneDNN's inner product; bf16: one mm) | blas (torch::linear)")
+    ("train.frozen_gemm", po::value<std::string>(), "GEMM kernels on CPU: auto (default: the fastest exact kernel per shape, measured at its first call and cached per host) | onednn (fp32: oneDNN's inner product; bf16: one mm) | onednn_matmul (oneDNN's matmul on plain memory, attention too) | blas (torch::linear)")
     ("train.bf16_kernels", po::value<bool>(), "bf16 softmax, LayerNorm, GELU, bias and residual adds by ShardTune's AVX-512 kernels where the CPU has AVX-512 BF16 (default true; under auto each timed against LibTorch's op; false: LibTorch's ops)")
     ("train.cache_backbone", po::value<bool>(), "keep each training image's frozen-backbone output (linear: features; lst: ladder inputs) from its first use and skip the backbone after (default false; needs a deterministic data.transform)")
     ("train.cache_max_gb", po::value<double>(), "train.cache_backbone: the most memory the cache may take per rank, GB (default 8)")
@@ -243,8 +243,9 @@ RunConfig run_config_from(const po::variables_map& vm) {
   set_i("train.exit_interval", rc.train.exit_interval);
   set_i("train.profile_step", rc.train.profile_step);
   str("train.frozen_gemm", rc.train.frozen_gemm);
-  if (rc.train.frozen_gemm != "auto" && rc.train.frozen_gemm != "onednn" && rc.train.frozen_gemm != "blas")
-    throw UsageError("train.frozen_gemm=" + rc.train.frozen_gemm + " must be auto, onednn or blas");
+  if (rc.train.frozen_gemm != "auto" && rc.train.frozen_gemm != "onednn" && rc.train.frozen_gemm != "onednn_matmul" &&
+      rc.train.frozen_gemm != "blas")
+    throw UsageError("train.frozen_gemm=" + rc.train.frozen_gemm + " must be auto, onednn, onednn_matmul or blas");
   if (has("train.bf16_kernels")) rc.train.bf16_kernels = vm["train.bf16_kernels"].as<bool>();
   str("train.kernel_cache", rc.train.kernel_cache);
   if (has("train.cache_backbone")) rc.train.cache_backbone = vm["train.cache_backbone"].as<bool>();

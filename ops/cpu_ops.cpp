@@ -11,6 +11,9 @@
 //           on another (docs/BENCHMARKS.md)
 //   fp32    bf16 only: both operands widened to fp32, at::mm, the product rounded to bf16: the
 //           same arithmetic as a bf16 GEMM with fp32 accumulation
+//   onednn_matmul  oneDNN's matmul primitive on the tensors' own memory (W^T read in place, no
+//           conversion, one primitive per shape; ops/onednn_matmul.h), where the build has
+//           oneDNN's headers
 // Either way no weight gradient is computed and only W is kept for the backward (torch::linear's
 // node would also keep x), and the bias goes into y in place. frozen_gemm=auto times the
 // candidates for each (dtype, direction, M, K, N, threads) at its first call (ops/tuner.h);
@@ -18,7 +21,9 @@
 // nn.Linear; onednn: the inner product for fp32, one mm for bf16).
 //
 // bf16 GEMMs of trainable weights and the attention products: auto also compares LibTorch's
-// bf16 op with its fp32 twin (widen, compute, round), through autograd.
+// bf16 op with its fp32 twin (widen, compute, round), through autograd. The attention products
+// also take per-entry GEMMs (fp32) and oneDNN's batched matmul (both dtypes) as candidates.
+// frozen_gemm=onednn_matmul forces oneDNN's matmul for the frozen GEMMs and attention.
 //
 // The bf16 AVX-512 kernels (ops/cpu_kernels.h) replace LibTorch's softmax, LayerNorm, GELU,
 // bias and residual adds where the CPU has AVX-512 BF16 and train.bf16_kernels is on; under
@@ -32,6 +37,7 @@
 #include <sstream>
 
 #include "ops/cpu_kernels.h"
+#include "ops/onednn_matmul.h"
 #include "ops/ops.h"
 #include "ops/tuner.h"
 
@@ -72,6 +78,11 @@ torch::Tensor gemm(const std::string& kernel, const torch::Tensor& a, const torc
     // grad_input [M, in] = grad_output [M, out] @ weight [out, in]: here weight = b, plain.
     torch::Tensor y = at::mkldnn_linear_backward_input({a.size(0), b.size(1)}, a.contiguous().to_mkldnn(), b.contiguous());
     return y.reshape(shape).to_dense();
+  }
+  if (kernel == "onednn_matmul") {
+    torch::Tensor y = torch::empty(shape, a.options());
+    onednn_matmul_out(y.view({-1, b.size(1)}), a, b);
+    return y;
   }
   if (kernel == "fp32") {
     torch::Tensor y = torch::empty(shape, a.options().dtype(torch::kFloat));
@@ -185,18 +196,27 @@ torch::Tensor per_entry_mm(const torch::Tensor& a, const torch::Tensor& b) {
   return out.view(sizes);
 }
 
+// a @ b over equal batch dims by `kernel`: "per_entry" (above) or "onednn_matmul".
+torch::Tensor batched_mm(const std::string& kernel, const torch::Tensor& a, const torch::Tensor& b) {
+  return kernel == "onednn_matmul" ? onednn_matmul(a, b) : per_entry_mm(a, b);
+}
+
 struct BatchedMatmul : torch::autograd::Function<BatchedMatmul> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b,
+                               const std::string& kernel) {
     ctx->save_for_backward({a, b});
-    return per_entry_mm(a, b);
+    ctx->saved_data["kernel"] = kernel;
+    return batched_mm(kernel, a, b);
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const torch::Tensor &a = saved[0], &b = saved[1], dc = grads[0];
-    // dA = dC B^T, dB = A^T dC (transposed views: BLAS reads them in place)
-    return {ctx->needs_input_grad(0) ? per_entry_mm(dc, b.transpose(-2, -1)) : torch::Tensor(),
-            ctx->needs_input_grad(1) ? per_entry_mm(a.transpose(-2, -1), dc) : torch::Tensor()};
+    const std::string kernel = ctx->saved_data["kernel"].toStringRef();
+    const torch::Tensor &a = saved[0], &b = saved[1], dc = grads[0].contiguous();
+    // dA = dC B^T, dB = A^T dC (transposed views: both kernels read them in place)
+    return {ctx->needs_input_grad(0) ? batched_mm(kernel, dc, b.transpose(-2, -1)) : torch::Tensor(),
+            ctx->needs_input_grad(1) ? batched_mm(kernel, a.transpose(-2, -1), dc) : torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
@@ -209,6 +229,9 @@ class CpuOps final : public Ops {
                o.repetitions) {
     if (o.frozen_gemm == FrozenGemm::OneDnn && !at::hasMKLDNN())
       throw std::invalid_argument("train.frozen_gemm=onednn: this LibTorch was built without oneDNN (MKLDNN)");
+    if (o.frozen_gemm == FrozenGemm::OneDnnMatmul && !onednn_matmul_available())
+      throw std::invalid_argument(
+          "train.frozen_gemm=onednn_matmul: this build has no oneDNN headers (install Debian's libdnnl-dev and rebuild)");
   }
 
   std::string name() const override { return "cpu"; }
@@ -223,6 +246,8 @@ class CpuOps final : public Ops {
     std::string fwd, bwd;
     if (options_.frozen_gemm == FrozenGemm::OneDnn) {
       fwd = bwd = dtype == torch::kFloat ? "onednn" : "blas";
+    } else if (options_.frozen_gemm == FrozenGemm::OneDnnMatmul) {
+      fwd = bwd = "onednn_matmul";
     } else {
       const int64_t M = x.numel() / x.size(-1), K = x.size(-1), N = w.size(0);
       fwd = choose_gemm(dtype, "fwd", M, K, N, [&] { return x.reshape({M, K}); }, w, true);
@@ -242,24 +267,32 @@ class CpuOps final : public Ops {
   }
 
   torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& b) const override {
-    if (options_.frozen_gemm != FrozenGemm::Auto || !a.device().is_cpu() || a.dim() < 3 || b.dim() != a.dim())
+    const auto dtype = a.scalar_type();
+    const bool tuned = options_.frozen_gemm == FrozenGemm::Auto || options_.frozen_gemm == FrozenGemm::OneDnnMatmul;
+    if (!tuned || !a.device().is_cpu() || a.dim() < 3 || b.dim() != a.dim() || b.scalar_type() != dtype ||
+        (dtype != torch::kFloat && dtype != torch::kBFloat16))
       return torch::matmul(a, b);
-    if (a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat &&
-        a.sizes().slice(0, a.dim() - 2) == b.sizes().slice(0, b.dim() - 2)) {  // no broadcasting
-      const std::string key = "matmul fp32 " + shape_key(a.sizes()) + " @ " + shape_key(b.sizes()) + threads();
-      const std::string pick =
-          tuner_.choose(key, {no_grad_candidate("torch", [&](bool) { torch::matmul(a, b); }),
-                              no_grad_candidate("per_entry", [&](bool) { per_entry_mm(a, b); })});
-      return pick == "per_entry" ? BatchedMatmul::apply(a, b) : torch::matmul(a, b);
+    const bool same_batch = a.sizes().slice(0, a.dim() - 2) == b.sizes().slice(0, b.dim() - 2);  // no broadcasting
+    if (!same_batch && dtype == torch::kFloat) return torch::matmul(a, b);
+    if (options_.frozen_gemm == FrozenGemm::OneDnnMatmul)
+      return same_batch ? BatchedMatmul::apply(a, b, "onednn_matmul") : torch::matmul(a, b);
+    std::vector<Tuner::Candidate> candidates;
+    if (dtype == torch::kFloat) {
+      candidates.push_back(no_grad_candidate("torch", [&](bool) { torch::matmul(a, b); }));
+      if (same_batch) candidates.push_back(no_grad_candidate("per_entry", [&](bool) { per_entry_mm(a, b); }));
+    } else {
+      candidates.push_back(no_grad_candidate("bf16", [&](bool) { torch::matmul(a, b); }));
+      candidates.push_back(no_grad_candidate(
+          "fp32", [&](bool) { torch::matmul(a.to(torch::kFloat), b.to(torch::kFloat)); }));
     }
-    if (a.scalar_type() != torch::kBFloat16) return torch::matmul(a, b);
-    const std::string key = "matmul bf16 " + shape_key(a.sizes()) + " @ " + shape_key(b.sizes()) + threads();
-    const std::string pick = tuner_.choose(key, {no_grad_candidate("bf16", [&](bool) { torch::matmul(a, b); }),
-                                                 no_grad_candidate("fp32", [&](bool) {
-                                                   torch::matmul(a.to(torch::kFloat), b.to(torch::kFloat));
-                                                 })});
-    if (pick == "bf16") return torch::matmul(a, b);
-    return torch::matmul(a.to(torch::kFloat), b.to(torch::kFloat)).to(a.scalar_type());
+    if (same_batch && onednn_matmul_available())
+      candidates.push_back(no_grad_candidate("onednn_matmul", [&](bool) { onednn_matmul(a, b); }));
+    const std::string key =
+        std::string("matmul ") + dtype_name(dtype) + " " + shape_key(a.sizes()) + " @ " + shape_key(b.sizes()) + threads();
+    const std::string pick = tuner_.choose(key, candidates);
+    if (pick == "per_entry" || pick == "onednn_matmul") return BatchedMatmul::apply(a, b, pick);
+    if (pick == "fp32") return torch::matmul(a.to(torch::kFloat), b.to(torch::kFloat)).to(dtype);
+    return torch::matmul(a, b);
   }
 
   torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
@@ -353,6 +386,7 @@ class CpuOps final : public Ops {
     if (dtype == torch::kBFloat16) add("fp32");
     add("blas");
     if (at::hasMKLDNN()) add("onednn");
+    if (onednn_matmul_available()) add("onednn_matmul");
     return tuner_.choose(key.str(), candidates);
   }
 
@@ -390,6 +424,10 @@ class CpuOps final : public Ops {
 
 std::shared_ptr<const Ops> make_cpu_ops(const CpuOptions& options) { return std::make_shared<const CpuOps>(options); }
 
-torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b) { return BatchedMatmul::apply(a, b); }
+torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b, const std::string& kernel) {
+  if (kernel != "per_entry" && kernel != "onednn_matmul")
+    throw std::invalid_argument("batched_matmul: kernel " + kernel + " must be per_entry or onednn_matmul");
+  return BatchedMatmul::apply(a, b, kernel);
+}
 
 }  // namespace shardtune::ops

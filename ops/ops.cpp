@@ -77,9 +77,9 @@ torch::Tensor Ops::scaled_softmax(const torch::Tensor& x, double scale) const {
 }
 
 FrozenGemm parse_frozen_gemm(const std::string& name) {
-  for (FrozenGemm g : {FrozenGemm::Auto, FrozenGemm::Blas, FrozenGemm::OneDnn})
+  for (FrozenGemm g : {FrozenGemm::Auto, FrozenGemm::Blas, FrozenGemm::OneDnn, FrozenGemm::OneDnnMatmul})
     if (name == frozen_gemm_name(g)) return g;
-  throw std::invalid_argument("train.frozen_gemm=" + name + " must be auto, onednn or blas");
+  throw std::invalid_argument("train.frozen_gemm=" + name + " must be auto, onednn, onednn_matmul or blas");
 }
 
 std::string frozen_gemm_name(FrozenGemm g) {
@@ -87,6 +87,7 @@ std::string frozen_gemm_name(FrozenGemm g) {
     case FrozenGemm::Auto: return "auto";
     case FrozenGemm::Blas: return "blas";
     case FrozenGemm::OneDnn: return "onednn";
+    case FrozenGemm::OneDnnMatmul: return "onednn_matmul";
   }
   return "?";
 }

@@ -62,6 +62,7 @@ enum class FrozenGemm {
   Auto,    // per (dtype, direction, shape, threads) the fastest exact kernel, by measurement
   Blas,    // torch::linear, as a Python nn.Linear calls it
   OneDnn,  // fp32: oneDNN's inner product; bf16: one mm with the bias added in place
+  OneDnnMatmul,  // oneDNN's matmul primitive on plain memory (ops/onednn_matmul.h), attention too
 };
 FrozenGemm parse_frozen_gemm(const std::string& name);  // invalid_argument naming train.frozen_gemm
 std::string frozen_gemm_name(FrozenGemm g);
@@ -88,7 +89,8 @@ std::shared_ptr<const Ops> make_cpu_ops(const CpuOptions& options);
 // backward the same way. LibTorch 1.13's CPU bmm runs the entries one after another, each
 // GEMM split over the threads: ~2x slower on attention's 197 x 64 x 197 products (fp32). The
 // per-entry GEMMs are the ones torch::matmul runs: identical values on this build (tested).
-torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b);
+// `kernel` "onednn_matmul": the same through oneDNN's batched matmul (ops/onednn_matmul.h).
+torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b, const std::string& kernel = "per_entry");
 // What a model built without an explicit choice gets: CpuOps with oneDNN fixed (no measuring,
 // so unit tests and tools are deterministic), the AVX-512 kernels where the CPU has them.
 std::shared_ptr<const Ops> default_ops();

@@ -21,7 +21,7 @@ namespace shardtune::ops {
 
 namespace {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // 2: stored keys name their candidates
 // A candidate whose probe takes this many times the best probe is not timed further.
 constexpr double kProbeCutoff = 4.0;
 
@@ -157,8 +157,13 @@ void Tuner::save_locked() {
   }
 }
 
-std::string Tuner::choose(const std::string& key, const std::vector<Candidate>& candidates) {
-  if (candidates.empty()) throw std::logic_error("Tuner::choose(" + key + "): no candidates");
+std::string Tuner::choose(const std::string& plain_key, const std::vector<Candidate>& candidates) {
+  if (candidates.empty()) throw std::logic_error("Tuner::choose(" + plain_key + "): no candidates");
+  // The candidates' names are part of the stored key: a choice measured among other candidates
+  // (an earlier build's, one without oneDNN's headers) is not this one's, and is measured again.
+  std::string key = plain_key + kCandidatesOpen;
+  for (size_t i = 0; i < candidates.size(); ++i) key += (i ? "," : "") + candidates[i].name;
+  key += "}";
   std::lock_guard<std::mutex> lock(mutex_);
   auto known = [&]() -> const Candidate* {
     auto it = choices_.find(key);
@@ -219,7 +224,7 @@ std::map<std::string, Tuner::Choice> Tuner::choices() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::map<std::string, Choice> used;
   for (const auto& [key, c] : choices_)
-    if (c.used) used[key] = c;
+    if (c.used) used[key.substr(0, key.find(kCandidatesOpen))] = c;
   return used;
 }
 

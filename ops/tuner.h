@@ -46,7 +46,7 @@ class Tuner {
   // first one's exception propagates. Thread-safe.
   std::string choose(const std::string& key, const std::vector<Candidate>& candidates);
 
-  // The choices this process asked for, by key.
+  // The choices this process asked for, by key (as given to choose).
   std::map<std::string, Choice> choices() const;
   double seconds_measuring() const;  // wall time spent timing candidates in this process
   const std::string& cache_file() const { return cache_file_; }
@@ -64,6 +64,8 @@ class Tuner {
   // lacks; save writes the file's entries plus this process's new ones (the first measurement
   // of a key wins, so every process sharing the cache uses the same kernel for it).
   void load_locked();
+  // Stored keys are "<key> {<candidate>,<candidate>...}".
+  static constexpr const char* kCandidatesOpen = " {";
   void save_locked();
 
   std::string cache_file_;

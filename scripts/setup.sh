@@ -9,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 packages=(
   g++ make cmake zlib1g-dev
   libtorch-dev libopenblas0-openmp          # LibTorch 1.13 (CPU) on OpenBLAS, not the reference BLAS
+  libdnnl-dev                               # headers of the oneDNN 2.6 LibTorch links (ops/onednn_matmul.h)
   libopenmpi-dev openmpi-bin
   libboost-program-options-dev libspdlog-dev libgtest-dev
   dataset-fashion-mnist

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "models/vit.h"
+#include "ops/onednn_matmul.h"
 #include "ops/ops.h"
 #include "ops/tuner.h"
 #include "peft/method.h"
@@ -141,6 +142,29 @@ TEST(Tuner, TheFirstMeasurementOfAKeyWinsInTheFile) {
   EXPECT_TRUE(b.choices().at("k").cached);
 }
 
+// A choice measured among other candidates (an earlier build's, one without oneDNN's headers)
+// is not reused: the key is measured again among this process's candidates, and that result
+// is what the next process with the same candidates reads.
+TEST(Tuner, AChoiceAmongOtherCandidatesIsMeasuredAgain) {
+  TempDir dir;
+  const std::string file = Tuner::cache_file_in(dir.path);
+  int z_calls = 0;
+  std::vector<Tuner::Candidate> two = {{"x", [](bool) { sleep_ms(5); }}, {"y", [](bool) { sleep_ms(20); }}};
+  std::vector<Tuner::Candidate> three = two;
+  three.push_back({"z", [&](bool) { ++z_calls; }});
+  EXPECT_EQ(Tuner(file, 1).choose("k", two), "x");
+  Tuner second(file, 1);
+  EXPECT_EQ(second.choose("k", three), "z");
+  EXPECT_FALSE(second.choices().at("k").cached);
+  EXPECT_GT(z_calls, 0);
+  z_calls = 0;
+  Tuner third(file, 1);
+  EXPECT_EQ(third.choose("k", three), "z");
+  EXPECT_TRUE(third.choices().at("k").cached);
+  EXPECT_EQ(z_calls, 0);
+  EXPECT_EQ(Tuner(file, 1).choose("k", two), "x");  // the first set's entry is still there
+}
+
 TEST(Tuner, ACorruptCacheIsIgnoredWithAWarningAndRewritten) {
   TempDir dir;
   const std::string file = Tuner::cache_file_in(dir.path);
@@ -161,7 +185,7 @@ TEST(Tuner, ACacheOfAnotherHostOrFormatIsIgnored) {
   TempDir dir;
   const std::string file = Tuner::cache_file_in(dir.path);
   for (const std::string& body :
-       {std::string(R"({"format_version": 1, "host": "some other CPU", "choices": {"k": {"pick": "slow", "us": {}}}})"),
+       {std::string(R"({"format_version": 2, "host": "some other CPU", "choices": {"k": {"pick": "slow", "us": {}}}})"),
         std::string(R"({"format_version": 99, "host": "x", "choices": {}})")}) {
     std::ofstream(file) << body;
     CapturedLog log;
@@ -227,34 +251,36 @@ TEST(AutoOps, FrozenLinearEqualsTheForcedPathsAndReportsItsChoices) {
   EXPECT_EQ(bwd, 2);
 }
 
-// A ViT step (LoRA, every GEMM tuned) under auto against the blas path, fp32: logits and
-// every trainable gradient within the existing tolerance.
-TEST(AutoOps, ViTLoraStepEqualsTheBlasPath) {
-  TempDir dir;
+// One LoRA step of a small ViT (every GEMM through `o`): its logits and every trainable gradient.
+std::vector<torch::Tensor> tiny_lora_step(const std::shared_ptr<const ops::Ops>& o) {
   ViTConfig c = tiny_config();
   c.image_size = 56;
   c.dim = 64;
   c.mlp_dim = 256;
-  auto step = [&](const std::shared_ptr<const ops::Ops>& o) {
-    torch::manual_seed(5);
-    VisionTransformer model(c, StagePart::whole(c), true, o);
-    randomize_for_test(*model);
-    PeftConfig p;
-    p.method = "lora";
-    PeftState state = apply_peft(*model, p);
-    {
-      torch::NoGradGuard g;
-      for (auto& [name, t] : state.trainable) t.normal_(0, 0.3);
-    }
-    torch::manual_seed(6);
-    torch::Tensor logits = model->forward(torch::randn({4, 1, 56, 56}));
-    logits.pow(2).sum().backward();
-    std::vector<torch::Tensor> out{logits.detach()};
-    for (auto& [name, t] : state.trainable) out.push_back(t.grad().clone());
-    return out;
-  };
-  const auto want = step(cpu_ops(FrozenGemm::Blas, 0));
-  const auto got = step(auto_ops(dir.path));
+  torch::manual_seed(5);
+  VisionTransformer model(c, StagePart::whole(c), true, o);
+  randomize_for_test(*model);
+  PeftConfig p;
+  p.method = "lora";
+  PeftState state = apply_peft(*model, p);
+  {
+    torch::NoGradGuard g;
+    for (auto& [name, t] : state.trainable) t.normal_(0, 0.3);
+  }
+  torch::manual_seed(6);
+  torch::Tensor logits = model->forward(torch::randn({4, 1, 56, 56}));
+  logits.pow(2).sum().backward();
+  std::vector<torch::Tensor> out{logits.detach()};
+  for (auto& [name, t] : state.trainable) out.push_back(t.grad().clone());
+  return out;
+}
+
+// A ViT step (LoRA, every GEMM tuned) under auto against the blas path, fp32: logits and
+// every trainable gradient within the existing tolerance.
+TEST(AutoOps, ViTLoraStepEqualsTheBlasPath) {
+  TempDir dir;
+  const auto want = tiny_lora_step(cpu_ops(FrozenGemm::Blas, 0));
+  const auto got = tiny_lora_step(auto_ops(dir.path));
   ASSERT_EQ(want.size(), got.size());
   for (size_t i = 0; i < want.size(); ++i) EXPECT_LT(rel_err(got[i], want[i]), 1e-5) << "output " << i;
 }
@@ -320,6 +346,79 @@ TEST(AutoOps, Fp32BatchedMatmulEqualsTorchInValueAndGradients) {
   bool saw = false;
   for (const auto& [key, c] : report.at("choices").items()) saw = saw || key.rfind("matmul fp32", 0) == 0;
   EXPECT_TRUE(saw) << report.dump();
+}
+
+// oneDNN's matmul on LibTorch's memory: plain and transposed-view operands (W^T, k^T, A^T),
+// batched, fp32 and bf16, against float64; the gradients of its batched autograd function;
+// refusals that name the shapes.
+TEST(OnednnMatmul, EqualsFloat64OnPlainAndTransposedViews) {
+  if (!ops::onednn_matmul_available()) GTEST_SKIP() << "built without libdnnl-dev";
+  torch::manual_seed(4);
+  auto check = [](const torch::Tensor& a, const torch::Tensor& b, const std::string& what) {
+    const torch::Tensor want = torch::matmul(a.to(torch::kDouble), b.to(torch::kDouble));
+    for (auto dt : {torch::kFloat, torch::kBFloat16}) {
+      // bf16 operands: the reference is their exact product, so only the output rounding counts
+      const torch::Tensor a_ = a.to(dt), b_ = b.to(dt);
+      const torch::Tensor ref = torch::matmul(a_.to(torch::kDouble), b_.to(torch::kDouble));
+      torch::Tensor got = ops::onednn_matmul(a_, b_);
+      EXPECT_EQ(got.scalar_type(), dt) << what;
+      EXPECT_TRUE(got.is_contiguous()) << what;
+      EXPECT_LT(rel_err(got.to(torch::kDouble), ref), dt == torch::kFloat ? 1e-6 : 8e-3) << what;
+    }
+    EXPECT_LT(rel_err(ops::onednn_matmul(a, b).to(torch::kDouble), want), 1e-6) << what;
+  };
+  const torch::Tensor x = torch::randn({70, 96}), w = torch::randn({40, 96});
+  check(x, w.t(), "x W^T");
+  check(x.t().contiguous().t(), torch::randn({96, 33}), "a column-major x");
+  check(x.narrow(0, 5, 31), w.t(), "a row slice");
+  const torch::Tensor q = torch::randn({2, 3, 37, 16}), k = torch::randn({2, 3, 37, 16});
+  check(q, k.transpose(-2, -1), "q k^T");
+  check(torch::randn({2, 3, 37, 37}), k, "p v");
+  check(q.transpose(-2, -1), torch::randn({2, 3, 37, 37}), "A^T dC");
+  check(torch::randn({2, 5, 0}), torch::randn({2, 0, 4}), "K = 0");
+  auto refused = [](const torch::Tensor& a, const torch::Tensor& b, const std::string& words) {
+    try {
+      ops::onednn_matmul(a, b);
+      ADD_FAILURE() << "accepted: " << words;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("[2, 4, 5]"), std::string::npos) << e.what();  // names a's shape
+    }
+  };
+  refused(torch::randn({2, 4, 5}), torch::randn({2, 5, 3}, torch::kDouble), "fp32 or bf16");
+  refused(torch::randn({2, 4, 5}), torch::randn({3, 5, 3}), "the same batch dims");
+  refused(torch::randn({2, 4, 5}), torch::randn({2, 6, 3}), "do not multiply");
+}
+
+TEST(OnednnMatmul, BatchedGradientsEqualFloat64Autograd) {
+  if (!ops::onednn_matmul_available()) GTEST_SKIP() << "built without libdnnl-dev";
+  torch::manual_seed(5);
+  torch::Tensor q = torch::randn({2, 3, 37, 16}, torch::kDouble), k = torch::randn({2, 3, 37, 16}, torch::kDouble);
+  torch::Tensor w = torch::randn({2, 3, 37, 37}, torch::kDouble);
+  auto grads = [&](bool ours, torch::ScalarType t) {
+    torch::Tensor a = q.to(t).clone().requires_grad_(true), b = k.to(t).clone().requires_grad_(true);
+    torch::Tensor bt = b.transpose(-2, -1);
+    torch::Tensor s = ours ? ops::batched_matmul(a, bt, "onednn_matmul") : torch::matmul(a, bt);
+    torch::Tensor o = ours ? ops::batched_matmul(s, b, "onednn_matmul") : torch::matmul(s, b);
+    (o.sum(-1, true) * w.to(t)).sum().backward();
+    return std::vector<torch::Tensor>{s.detach(), o.detach(), a.grad(), b.grad()};
+  };
+  const auto ref = grads(false, torch::kDouble), mine = grads(true, torch::kFloat);
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_LT(rel_err(mine[i].to(torch::kDouble), ref[i]), 1e-5) << i;
+  EXPECT_THROW(ops::batched_matmul(q, k.transpose(-2, -1), "mkl"), std::invalid_argument);
+}
+
+// train.frozen_gemm=onednn_matmul forced: the ViT LoRA step (frozen GEMMs and attention through
+// oneDNN's matmul) equals the blas path's within fp32 accuracy, and measures nothing.
+TEST(OnednnMatmul, ForcedViTLoraStepEqualsTheBlasPath) {
+  if (!ops::onednn_matmul_available()) GTEST_SKIP() << "built without libdnnl-dev";
+  const auto want = tiny_lora_step(cpu_ops(FrozenGemm::Blas, 0));
+  const auto forced = cpu_ops(FrozenGemm::OneDnnMatmul, 0);
+  const auto got = tiny_lora_step(forced);
+  ASSERT_EQ(want.size(), got.size());
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_LT(rel_err(got[i], want[i]), 1e-5) << "output " << i;
+  EXPECT_EQ(forced->report().at("frozen_gemm"), "onednn_matmul");
+  EXPECT_FALSE(forced->report().contains("choices"));
 }
 
 TEST(AutoOps, ForcedPathsMeasureNothing) {

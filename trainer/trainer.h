@@ -38,7 +38,7 @@ struct TrainConfig {
   int64_t exit_interval = 0;    // > 0: stop after this many steps of this run, with a checkpoint
   int64_t profile_step = 0;     // > 0: record LibTorch's op profile of this step (1-based) to
                                 // output.dir/profile_step_N_rankR.json (chrome://tracing)
-  std::string frozen_gemm = "auto";  // auto | blas | onednn (ops/ops.h)
+  std::string frozen_gemm = "auto";  // auto | blas | onednn | onednn_matmul (ops/ops.h)
   bool bf16_kernels = true;          // ShardTune's AVX-512 bf16 kernels where the CPU has them
   std::string kernel_cache;          // where auto keeps its measurements; "" default, "-" none
   bool cache_backbone = false;       // keep each training image's frozen-backbone output (trainer/backbone_cache.h)

@@ -62,7 +62,7 @@ for f in "$XDG_CACHE_HOME"/shardtune/kernels-*.json; do printf '{"format_version
 expect 0 "ignoring the kernel-choice cache .*kernels-.*json.*kernel choices: [1-9][0-9]* measured.*done" -- "$st" train --config "$cfg" --output.dir "$work/kc" "${big[@]}" --train.steps 1
 expect 0 "kernel choices: 0 measured in 0.00 s" -- "$st" train --config "$cfg" --output.dir "$work/kc2" "${big[@]}" --train.steps 1
 expect 0 "kernel choices: [1-9][0-9]* measured.*\\(none\\)" -- "$st" train --config "$cfg" --output.dir "$work/kc3" "${big[@]}" --train.steps 1 --train.kernel_cache -
-expect 2 "train.frozen_gemm=mkl must be auto, onednn or blas" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.frozen_gemm mkl
+expect 2 "train.frozen_gemm=mkl must be auto, onednn, onednn_matmul or blas" -- "$st" train --config "$cfg" --output.dir "$work/g" --train.frozen_gemm mkl
 
 # dp=2: the same samples, the same adapter (up to float reassociation).
 expect 0 "done: eval top-1" -- "${mpi[@]}" "$st" train --config "$cfg" --output.dir "$work/c"
