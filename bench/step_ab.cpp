@@ -6,8 +6,11 @@
 //   onednn   train.frozen_gemm onednn (fp32: oneDNN inner-product kernels; bf16: one mm, the
 //            bias added in place, only the weight saved for backward)
 //   blas     train.frozen_gemm blas: torch::linear, as the Python twin calls it
-//   X-nokernels  X with the bf16 AVX-512 kernels (softmax, LayerNorm, bias add) off, i.e.
-//            train.bf16_kernels=false: LibTorch's own ops there
+//   onednn_matmul  train.frozen_gemm onednn_matmul (oneDNN's matmul primitive on plain memory,
+//            attention's products too)
+//   X-nokernels  X with the AVX-512 kernels (softmax, LayerNorm, GELU, bias and residual adds)
+//            off, i.e. train.bf16_kernels=false: LibTorch's own ops there
+//   X-fp32kernels  a forced X with those kernels on for fp32 tensors too (auto times them)
 // Prints per variant the best and the median step time (ms). The variants take turns training
 // one model (one optimizer), so their losses are one run's, not comparable per variant.
 //
@@ -73,11 +76,18 @@ int main(int argc, char** argv) {
 
   std::map<std::string, std::shared_ptr<const ops::Ops>> ops_of;
   for (const auto& v : variants) {
-    const std::string suffix = "-nokernels";
-    const bool off = v.size() > suffix.size() && v.compare(v.size() - suffix.size(), suffix.size(), suffix) == 0;
+    auto strip = [](std::string& name, const std::string& suffix) {
+      const bool has = name.size() > suffix.size() &&
+                       name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+      if (has) name.resize(name.size() - suffix.size());
+      return has;
+    };
+    std::string base = v;
+    const bool off = strip(base, "-nokernels"), fp32 = strip(base, "-fp32kernels");
     ops::CpuOptions o;
-    o.frozen_gemm = ops::parse_frozen_gemm(off ? v.substr(0, v.size() - suffix.size()) : v);
+    o.frozen_gemm = ops::parse_frozen_gemm(base);
     o.bf16_kernels = !off;
+    o.fp32_kernels = fp32;
     ops_of[v] = ops::make_cpu_ops(o);
   }
   auto apply = [&](const std::string& v) { set_ops(*model, ops_of.at(v)); };

@@ -39,6 +39,12 @@ ST_AVX512 inline __m256i narrow(__m512 v) { return reinterpret_cast<__m256i>(_mm
 ST_AVX512 inline void store(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v)); }
 ST_AVX512 inline void store(uint16_t* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow(v)); }
 ST_AVX512 inline __m512 loadf(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+// The same for fp32 memory: the kernels below are templates over the element type (uint16_t
+// holding bf16 bits, or float), with fp32 arithmetic either way.
+ST_AVX512 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+ST_AVX512 inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+ST_AVX512 inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+ST_AVX512 inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 
 // exp(x) to ~1 ulp of fp32: Cephes' expf (x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial in
 // r) with the 2^n scaling by vscalefps. NaN propagates (min/max return their second operand
@@ -70,12 +76,13 @@ struct RowShape {
 
 // --- Softmax ------------------------------------------------------------------------------
 
-ST_AVX512 void softmax_rows(const uint16_t* x, uint16_t* y, float* buf, float scale, int64_t r0, int64_t r1,
+template <class T>
+ST_AVX512 void softmax_rows(const T* x, T* y, float* buf, float scale, int64_t r0, int64_t r1,
                             RowShape s) {
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* xr = x + r * s.n;
-    uint16_t* yr = y + r * s.n;
+    const T* xr = x + r * s.n;
+    T* yr = y + r * s.n;
     __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < s.full; j += 16) vmax = _mm512_max_ps(vmax, load(xr + j));
     if (s.tail) vmax = _mm512_mask_max_ps(vmax, s.tail, vmax, load(xr + s.full, s.tail));
@@ -97,7 +104,8 @@ ST_AVX512 void softmax_rows(const uint16_t* x, uint16_t* y, float* buf, float sc
   }
 }
 
-ST_AVX512 void softmax_backward_rows(const uint16_t* y, const uint16_t* dy, uint16_t* dx, float scale, int64_t r0,
+template <class T>
+ST_AVX512 void softmax_backward_rows(const T* y, const T* dy, T* dx, float scale, int64_t r0,
                                      int64_t r1, RowShape s) {
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t r = r0; r < r1; ++r) {
@@ -117,12 +125,13 @@ ST_AVX512 void softmax_backward_rows(const uint16_t* y, const uint16_t* dy, uint
 
 // --- LayerNorm ----------------------------------------------------------------------------
 
-ST_AVX512 void layer_norm_rows(const uint16_t* x, const float* w, const float* b, float eps, uint16_t* y,
+template <class T>
+ST_AVX512 void layer_norm_rows(const T* x, const float* w, const float* b, float eps, T* y,
                                float* mean, float* rstd, float* buf, int64_t r0, int64_t r1, RowShape s) {
   const __m512 inv_n = _mm512_set1_ps(1.0f / static_cast<float>(s.n));
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* xr = x + r * s.n;
-    uint16_t* yr = y + r * s.n;
+    const T* xr = x + r * s.n;
+    T* yr = y + r * s.n;
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < s.full; j += 16) {
       const __m512 v = load(xr + j);
@@ -163,13 +172,15 @@ ST_AVX512 void layer_norm_rows(const uint16_t* x, const float* w, const float* b
 
 // One vector of a LayerNorm backward row: the sums of g = dy * w and g * xh, and the weight and
 // bias gradients when given (dw, db non-null).
+template <class T>
 struct LnBackRow {
-  const uint16_t *x, *dy;
+  const T *x, *dy;
   const float* w;
   __m512 mu, rs;
 };
 
-ST_AVX512 inline void ln_back_accumulate(const LnBackRow& row, int64_t j, __mmask16 m, __m512& vg, __m512& vgx,
+template <class T>
+ST_AVX512 inline void ln_back_accumulate(const LnBackRow<T>& row, int64_t j, __mmask16 m, __m512& vg, __m512& vgx,
                                          float* dw, float* db) {
   const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(row.x + j, m), row.mu), row.rs);
   const __m512 d = load(row.dy + j, m);
@@ -180,8 +191,9 @@ ST_AVX512 inline void ln_back_accumulate(const LnBackRow& row, int64_t j, __mmas
   if (db) _mm512_mask_storeu_ps(db + j, m, _mm512_add_ps(d, loadf(db + j, m)));
 }
 
-ST_AVX512 inline void ln_back_write(const LnBackRow& row, int64_t j, __mmask16 m, __m512 mg, __m512 mgx,
-                                    uint16_t* dx) {
+template <class T>
+ST_AVX512 inline void ln_back_write(const LnBackRow<T>& row, int64_t j, __mmask16 m, __m512 mg, __m512 mgx,
+                                    T* dx) {
   const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(row.x + j, m), row.mu), row.rs);
   const __m512 g = _mm512_mul_ps(load(row.dy + j, m), loadf(row.w + j, m));
   store(dx + j, _mm512_mul_ps(row.rs, _mm512_sub_ps(_mm512_sub_ps(g, mg), _mm512_mul_ps(xh, mgx))), m);
@@ -189,13 +201,14 @@ ST_AVX512 inline void ln_back_write(const LnBackRow& row, int64_t j, __mmask16 m
 
 // dx = rstd * (g - mean(g) - xh * mean(g * xh)) with g = dy * w and xh = (x - mean) * rstd;
 // dw += dy * xh and db += dy over the rows, when given.
-ST_AVX512 void layer_norm_backward_rows(const uint16_t* dy, const uint16_t* x, const float* w, const float* mean,
-                                        const float* rstd, uint16_t* dx, float* dw, float* db, int64_t r0,
+template <class T>
+ST_AVX512 void layer_norm_backward_rows(const T* dy, const T* x, const float* w, const float* mean,
+                                        const float* rstd, T* dx, float* dw, float* db, int64_t r0,
                                         int64_t r1, RowShape s) {
   const float inv_n = 1.0f / static_cast<float>(s.n);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * s.n;
-    const LnBackRow row{x + o, dy + o, w, _mm512_set1_ps(mean[r]), _mm512_set1_ps(rstd[r])};
+    const LnBackRow<T> row{x + o, dy + o, w, _mm512_set1_ps(mean[r]), _mm512_set1_ps(rstd[r])};
     __m512 vg = _mm512_setzero_ps(), vgx = _mm512_setzero_ps();
     for (int64_t j = 0; j < s.full; j += 16) ln_back_accumulate(row, j, 0xFFFF, vg, vgx, dw, db);
     if (s.tail) ln_back_accumulate(row, s.full, s.tail, vg, vgx, dw, db);
@@ -208,9 +221,10 @@ ST_AVX512 void layer_norm_backward_rows(const uint16_t* dy, const uint16_t* x, c
 
 // --- Bias add -----------------------------------------------------------------------------
 
-ST_AVX512 void add_bias_rows(uint16_t* y, const float* b, int64_t r0, int64_t r1, RowShape s) {
+template <class T>
+ST_AVX512 void add_bias_rows(T* y, const float* b, int64_t r0, int64_t r1, RowShape s) {
   for (int64_t r = r0; r < r1; ++r) {
-    uint16_t* yr = y + r * s.n;
+    T* yr = y + r * s.n;
     for (int64_t j = 0; j < s.full; j += 16) store(yr + j, _mm512_add_ps(load(yr + j), _mm512_loadu_ps(b + j)));
     if (s.tail) store(yr + s.full, _mm512_add_ps(load(yr + s.full, s.tail), loadf(b + s.full, s.tail)), s.tail);
   }
@@ -246,7 +260,8 @@ ST_AVX512 inline __m512 phi_cdf16(__m512 x) {
   return _mm512_fmadd_ps(half, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), half);
 }
 
-ST_AVX512 void gelu_range(const uint16_t* x, uint16_t* y, int64_t i0, int64_t i1) {
+template <class T>
+ST_AVX512 void gelu_range(const T* x, T* y, int64_t i0, int64_t i1) {
   int64_t i = i0;
   for (; i + 16 <= i1; i += 16) {
     const __m512 v = load(x + i);
@@ -266,7 +281,8 @@ ST_AVX512 inline __m512 gelu_grad16(__m512 v, __m512 d) {
   return _mm512_mul_ps(d, _mm512_fmadd_ps(v, pdf, phi_cdf16(v)));
 }
 
-ST_AVX512 void gelu_backward_range(const uint16_t* dy, const uint16_t* x, uint16_t* dx, int64_t i0, int64_t i1) {
+template <class T>
+ST_AVX512 void gelu_backward_range(const T* dy, const T* x, T* dx, int64_t i0, int64_t i1) {
   int64_t i = i0;
   for (; i + 16 <= i1; i += 16) store(dx + i, gelu_grad16(load(x + i), load(dy + i)));
   if (i < i1) {
@@ -277,7 +293,8 @@ ST_AVX512 void gelu_backward_range(const uint16_t* dy, const uint16_t* x, uint16
 
 // --- Sum of two tensors ---------------------------------------------------------------------
 
-ST_AVX512 void add_range(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t i0, int64_t i1) {
+template <class T>
+ST_AVX512 void add_range(const T* a, const T* b, T* out, int64_t i0, int64_t i1) {
   int64_t i = i0;
   for (; i + 16 <= i1; i += 16) store(out + i, _mm512_add_ps(load(a + i), load(b + i)));
   if (i < i1) {
@@ -288,8 +305,19 @@ ST_AVX512 void add_range(const uint16_t* a, const uint16_t* b, uint16_t* out, in
 
 // --- Plain C++ around them ----------------------------------------------------------------
 
-const uint16_t* bits(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
-uint16_t* mutable_bits(const at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); }
+template <class T>
+const T* data(const at::Tensor& t) { return static_cast<const T*>(t.data_ptr()); }
+template <class T>
+T* mutable_data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+// Calls f with a value of the element type the kernels use for t: float, or uint16_t (bf16 bits).
+template <class F>
+void dispatch(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(uint16_t{});
+}
 
 int64_t width_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(-1); }
 int64_t rows_of(const at::Tensor& t) { return t.numel() == 0 ? 0 : t.numel() / width_of(t); }
@@ -299,24 +327,25 @@ constexpr int64_t kGrainElements = 32768;
 int64_t grain(int64_t width) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1)); }
 
 void check_input(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(eligible(t), "shardtune::kernels: ", what, " must be a contiguous bf16 CPU tensor on a CPU with AVX-512 BF16, got ",
-              t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(eligible(t), "shardtune::kernels: ", what,
+              " must be a contiguous bf16 or fp32 CPU tensor on a CPU with AVX-512 BF16, got ", t.scalar_type(),
+              t.is_contiguous() ? "" : " (not contiguous)");
 }
 
-// Both inputs checked as above, and of one shape.
+// Both inputs checked as above, and of one shape and dtype.
 void check_same_shape(const at::Tensor& a, const char* a_what, const at::Tensor& b, const char* b_what) {
   check_input(a, a_what);
   check_input(b, b_what);
-  TORCH_CHECK(a.sizes() == b.sizes(), "shardtune::kernels: ", b_what, " ", b.sizes(), " does not match ", a_what, " ",
-              a.sizes());
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "shardtune::kernels: ", b_what, " ",
+              b.sizes(), " ", b.scalar_type(), " does not match ", a_what, " ", a.sizes(), " ", a.scalar_type());
 }
 
-// out = f(a, b) element by element, a fresh tensor, by a range kernel such as add_range.
-using BinaryRange = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t);
-at::Tensor elementwise(const at::Tensor& a, const at::Tensor& b, BinaryRange range) {
+// out = f(a, b) element by element, a fresh tensor, by a range kernel such as add_range<T>.
+template <class T>
+at::Tensor elementwise(const at::Tensor& a, const at::Tensor& b, void (*range)(const T*, const T*, T*, int64_t, int64_t)) {
   at::Tensor out = at::empty_like(a);
   at::parallel_for(0, a.numel(), kGrainElements,
-                   [&](int64_t i0, int64_t i1) { range(bits(a), bits(b), mutable_bits(out), i0, i1); });
+                   [&](int64_t i0, int64_t i1) { range(data<T>(a), data<T>(b), mutable_data<T>(out), i0, i1); });
   return out;
 }
 
@@ -334,8 +363,8 @@ bool available() {
 }
 
 bool eligible(const at::Tensor& t) {
-  return available() && t.defined() && t.scalar_type() == at::kBFloat16 && t.device().is_cpu() &&
-         t.is_contiguous() && t.dim() >= 1;
+  return available() && t.defined() && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat) &&
+         t.device().is_cpu() && t.is_contiguous() && t.dim() >= 1;
 }
 
 at::Tensor softmax_lastdim(const at::Tensor& x, double scale) {
@@ -343,9 +372,12 @@ at::Tensor softmax_lastdim(const at::Tensor& x, double scale) {
   TORCH_CHECK(scale > 0, "shardtune::kernels: softmax scale must be positive, got ", scale);
   at::Tensor y = at::empty_like(x);
   const RowShape s(width_of(x));
-  at::parallel_for(0, rows_of(x), grain(s.n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(s.full + 16);
-    softmax_rows(bits(x), mutable_bits(y), buf.data(), static_cast<float>(scale), r0, r1, s);
+  dispatch(x, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, rows_of(x), grain(s.n), [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(s.full + 16);
+      softmax_rows<T>(data<T>(x), mutable_data<T>(y), buf.data(), static_cast<float>(scale), r0, r1, s);
+    });
   });
   return y;
 }
@@ -354,8 +386,11 @@ at::Tensor softmax_lastdim_backward(const at::Tensor& y, const at::Tensor& dy, d
   check_same_shape(y, "softmax output", dy, "softmax output gradient");
   at::Tensor dx = at::empty_like(y);
   const RowShape s(width_of(y));
-  at::parallel_for(0, rows_of(y), grain(s.n), [&](int64_t r0, int64_t r1) {
-    softmax_backward_rows(bits(y), bits(dy), mutable_bits(dx), static_cast<float>(scale), r0, r1, s);
+  dispatch(y, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, rows_of(y), grain(s.n), [&](int64_t r0, int64_t r1) {
+      softmax_backward_rows<T>(data<T>(y), data<T>(dy), mutable_data<T>(dx), static_cast<float>(scale), r0, r1, s);
+    });
   });
   return dx;
 }
@@ -368,10 +403,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
   const int64_t rows = rows_of(x);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
-  at::parallel_for(0, rows, grain(s.n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(s.full + 16);
-    layer_norm_rows(bits(x), w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(eps), mutable_bits(y),
-                    mean.data_ptr<float>(), rstd.data_ptr<float>(), buf.data(), r0, r1, s);
+  dispatch(x, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, rows, grain(s.n), [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(s.full + 16);
+      layer_norm_rows<T>(data<T>(x), w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(eps),
+                         mutable_data<T>(y), mean.data_ptr<float>(), rstd.data_ptr<float>(), buf.data(), r0, r1, s);
+    });
   });
   return {y, mean, rstd};
 }
@@ -392,12 +430,15 @@ LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& x, co
   const int64_t threads = at::get_num_threads();
   at::Tensor partial_w = want_dweight ? at::zeros({threads, s.n}, w.options()) : at::Tensor();
   at::Tensor partial_b = want_dbias ? at::zeros({threads, s.n}, w.options()) : at::Tensor();
-  at::parallel_for(0, rows, grain(s.n), [&](int64_t r0, int64_t r1) {
-    const int64_t t = at::get_thread_num();
-    float* dw = want_dweight ? partial_w.data_ptr<float>() + t * s.n : nullptr;
-    float* db = want_dbias ? partial_b.data_ptr<float>() + t * s.n : nullptr;
-    layer_norm_backward_rows(bits(dy), bits(x), w.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                             mutable_bits(out.dx), dw, db, r0, r1, s);
+  dispatch(x, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, rows, grain(s.n), [&](int64_t r0, int64_t r1) {
+      const int64_t t = at::get_thread_num();
+      float* dw = want_dweight ? partial_w.data_ptr<float>() + t * s.n : nullptr;
+      float* db = want_dbias ? partial_b.data_ptr<float>() + t * s.n : nullptr;
+      layer_norm_backward_rows<T>(data<T>(dy), data<T>(x), w.data_ptr<float>(), mean.data_ptr<float>(),
+                                  rstd.data_ptr<float>(), mutable_data<T>(out.dx), dw, db, r0, r1, s);
+    });
   });
   if (want_dweight) out.dweight = partial_w.sum(0);
   if (want_dbias) out.dbias = partial_b.sum(0);
@@ -408,27 +449,37 @@ void add_bias_(const at::Tensor& y, const at::Tensor& bias) {
   check_input(y, "biased output");
   const RowShape s(width_of(y));
   const at::Tensor b = fp32_vector(bias, s.n, "bias");
-  at::parallel_for(0, rows_of(y), grain(s.n), [&](int64_t r0, int64_t r1) {
-    add_bias_rows(mutable_bits(y), b.data_ptr<float>(), r0, r1, s);
+  dispatch(y, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, rows_of(y), grain(s.n), [&](int64_t r0, int64_t r1) {
+      add_bias_rows<T>(mutable_data<T>(y), b.data_ptr<float>(), r0, r1, s);
+    });
   });
 }
 
 at::Tensor gelu(const at::Tensor& x) {
   check_input(x, "GELU input");
   at::Tensor y = at::empty_like(x);
-  at::parallel_for(0, x.numel(), kGrainElements,
-                   [&](int64_t i0, int64_t i1) { gelu_range(bits(x), mutable_bits(y), i0, i1); });
+  dispatch(x, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, x.numel(), kGrainElements,
+                     [&](int64_t i0, int64_t i1) { gelu_range<T>(data<T>(x), mutable_data<T>(y), i0, i1); });
+  });
   return y;
 }
 
 at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x) {
   check_same_shape(x, "GELU input", dy, "GELU output gradient");
-  return elementwise(dy, x, gelu_backward_range);
+  at::Tensor out;
+  dispatch(x, [&](auto tag) { out = elementwise(dy, x, &gelu_backward_range<decltype(tag)>); });
+  return out;
 }
 
 at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
   check_same_shape(a, "summand", b, "summand");
-  return elementwise(a, b, add_range);
+  at::Tensor out;
+  dispatch(a, [&](auto tag) { out = elementwise(a, b, &add_range<decltype(tag)>); });
+  return out;
 }
 
 }  // namespace shardtune::kernels

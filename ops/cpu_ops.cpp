@@ -25,9 +25,11 @@
 // also take per-entry GEMMs (fp32) and oneDNN's batched matmul (both dtypes) as candidates.
 // frozen_gemm=onednn_matmul forces oneDNN's matmul for the frozen GEMMs and attention.
 //
-// The bf16 AVX-512 kernels (ops/cpu_kernels.h) replace LibTorch's softmax, LayerNorm, GELU,
-// bias and residual adds where the CPU has AVX-512 BF16 and train.bf16_kernels is on; under
-// auto each is also timed against LibTorch's op per shape.
+// The AVX-512 kernels (ops/cpu_kernels.h) replace LibTorch's softmax, LayerNorm, GELU, bias and
+// residual adds where the CPU has AVX-512 BF16 and train.bf16_kernels is on: for bf16 always
+// (auto also times each against LibTorch's op per shape), for fp32 where auto timed them
+// faster (the forced paths keep LibTorch's fp32 ops, as earlier releases did). The bias and
+// residual adds are bit-identical either way; the others agree to a few fp32 ulps.
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <spdlog/spdlog.h>
@@ -126,7 +128,7 @@ struct FrozenMatmul : torch::autograd::Function<FrozenMatmul> {
 };
 
 // The AVX-512 kernels as autograd functions (inputs saved as LibTorch saves them).
-struct LayerNormBf16 : torch::autograd::Function<LayerNormBf16> {
+struct LayerNormAvx512 : torch::autograd::Function<LayerNormAvx512> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
                                const torch::Tensor& b, double eps) {
     auto [y, mean, rstd] = kernels::layer_norm(x, w, b, eps);
@@ -144,7 +146,7 @@ struct LayerNormBf16 : torch::autograd::Function<LayerNormBf16> {
   }
 };
 
-struct SoftmaxBf16 : torch::autograd::Function<SoftmaxBf16> {
+struct SoftmaxAvx512 : torch::autograd::Function<SoftmaxAvx512> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, double scale) {
     torch::Tensor y = kernels::softmax_lastdim(x, scale);
     ctx->save_for_backward({y});
@@ -159,7 +161,7 @@ struct SoftmaxBf16 : torch::autograd::Function<SoftmaxBf16> {
   }
 };
 
-struct GeluBf16 : torch::autograd::Function<GeluBf16> {
+struct GeluAvx512 : torch::autograd::Function<GeluAvx512> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
     ctx->save_for_backward({x});
     return kernels::gelu(x);
@@ -170,7 +172,7 @@ struct GeluBf16 : torch::autograd::Function<GeluBf16> {
   }
 };
 
-struct ResidualAddBf16 : torch::autograd::Function<ResidualAddBf16> {
+struct ResidualAddAvx512 : torch::autograd::Function<ResidualAddAvx512> {
   static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& x, const torch::Tensor& a) {
     return kernels::add(x, a);
   }
@@ -302,32 +304,33 @@ class CpuOps final : public Ops {
           kernels::layer_norm(x, f, g, eps);
         }, [&] { Ops::layer_norm(x, w, b, eps); }))
       return Ops::layer_norm(x, w, b, eps);
-    return LayerNormBf16::apply(x, w.to(torch::kFloat), b.to(torch::kFloat), eps);
+    return LayerNormAvx512::apply(x, w.to(torch::kFloat), b.to(torch::kFloat), eps);
   }
 
   torch::Tensor gelu(const torch::Tensor& x) const override {
     if (!use_kernel("gelu", x, [&] { kernels::gelu(x); }, [&] { torch::gelu(x); })) return torch::gelu(x);
-    return GeluBf16::apply(x);
+    return GeluAvx512::apply(x);
   }
 
   torch::Tensor residual_add(const torch::Tensor& x, const torch::Tensor& a) const override {
-    if (!kernels::eligible(a) || x.sizes() != a.sizes() ||
+    if (!kernels::eligible(a) || x.sizes() != a.sizes() || x.scalar_type() != a.scalar_type() ||
         !use_kernel("residual_add", x, [&] { kernels::add(x, a); }, [&] { (void)(x + a); }))
       return x + a;
-    return ResidualAddBf16::apply(x, a);
+    return ResidualAddAvx512::apply(x, a);
   }
 
   bool softmax_takes_scale(torch::ScalarType dtype) const override {
     // The scale rides inside the kernel; where LibTorch's softmax is timed faster for a shape,
     // scaled_softmax scales first (one pass), which the old q scaling cost anyway.
-    return kernels_ && dtype == torch::kBFloat16;
+    return kernels_ && (dtype == torch::kBFloat16 ||
+                        (dtype == torch::kFloat && (options_.frozen_gemm == FrozenGemm::Auto || options_.fp32_kernels)));
   }
 
   torch::Tensor scaled_softmax(const torch::Tensor& x, double scale) const override {
     if (!use_kernel("softmax", x, [&] { kernels::softmax_lastdim(x, scale); },
                     [&] { (void)(scale == 1.0 ? x : x * scale).softmax(-1); }))
       return Ops::scaled_softmax(x, scale);
-    return SoftmaxBf16::apply(x, scale);
+    return SoftmaxAvx512::apply(x, scale);
   }
 
   nlohmann::json report() const override {
@@ -404,13 +407,14 @@ class CpuOps final : public Ops {
     return torch::linear(f32(x), f32(w), f32(b)).to(x.scalar_type());
   }
 
-  // Whether a bf16 element-wise op takes ShardTune's kernel: eligible, switched on, and under
-  // auto timed faster than LibTorch's op for this shape.
+  // Whether an element-wise op takes ShardTune's kernel: eligible, switched on, and under auto
+  // timed faster than LibTorch's op for this shape; the forced paths take it for bf16 only
+  // (fp32 too with options_.fp32_kernels).
   template <class Kernel, class Torch>
   bool use_kernel(const char* op, const torch::Tensor& x, Kernel kernel, Torch libtorch) const {
     if (!kernels_ || !kernels::eligible(x)) return false;
-    if (options_.frozen_gemm != FrozenGemm::Auto) return true;
-    const std::string key = std::string(op) + " bf16 " + shape_key(x.sizes()) + threads();
+    if (options_.frozen_gemm != FrozenGemm::Auto) return x.scalar_type() == torch::kBFloat16 || options_.fp32_kernels;
+    const std::string key = std::string(op) + " " + dtype_name(x.scalar_type()) + " " + shape_key(x.sizes()) + threads();
     return tuner_.choose(key, {no_grad_candidate("avx512", [&](bool) { kernel(); }),
                                no_grad_candidate("torch", [&](bool) { libtorch(); })}) == "avx512";
   }

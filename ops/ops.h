@@ -74,6 +74,9 @@ constexpr int64_t kMinTunedMacs = int64_t{1} << 20;
 struct CpuOptions {
   FrozenGemm frozen_gemm = FrozenGemm::Auto;
   bool bf16_kernels = true;  // the AVX-512 kernels where the CPU has them (train.bf16_kernels)
+  // fp32 tensors take those kernels where auto timed them faster; with this, under the forced
+  // paths too (tests, bench/step_ab.cpp).
+  bool fp32_kernels = false;
   int64_t min_macs = kMinTunedMacs;
   // Where Auto keeps its measurements: "" = $XDG_CACHE_HOME/shardtune (~/.cache/shardtune
   // without it); "-" = no cache (measure every run).

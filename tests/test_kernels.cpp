@@ -1,4 +1,4 @@
-// The bf16 AVX-512 kernels (models/cpu_kernels.h) against LibTorch computed in fp32 and
+// The AVX-512 kernels (ops/cpu_kernels.h), bf16 and fp32, against LibTorch computed in fp32 and
 // double, on widths that exercise whole vectors, a masked tail and both; and the ViT step
 // with the kernels on against the same step with LibTorch's ops.
 #include <c10/core/CPUAllocator.h>
@@ -34,13 +34,17 @@ void expect_close(const torch::Tensor& got, const torch::Tensor& want, double to
                                           << " (max |want| " << w.abs().max().item<double>() << ")";
 }
 
-TEST(Kernels, EligibleOnlyForContiguousBf16) {
+TEST(Kernels, EligibleOnlyForContiguousBf16OrFp32) {
   SKIP_WITHOUT_AVX512_BF16();
   torch::Tensor t = torch::randn({4, 6}).to(bf);
   EXPECT_TRUE(kernels::eligible(t));
   EXPECT_FALSE(kernels::eligible(t.t()));
-  EXPECT_FALSE(kernels::eligible(t.to(torch::kFloat)));
+  EXPECT_TRUE(kernels::eligible(t.to(torch::kFloat)));
+  EXPECT_FALSE(kernels::eligible(t.to(torch::kFloat).t()));
+  EXPECT_FALSE(kernels::eligible(t.to(torch::kDouble)));
+  EXPECT_FALSE(kernels::eligible(t.to(torch::kHalf)));
   EXPECT_FALSE(kernels::eligible(torch::Tensor()));
+  EXPECT_THROW(kernels::add(t, t.to(torch::kFloat)), c10::Error);  // one dtype per call
   EXPECT_THROW(kernels::softmax_lastdim(t.t()), c10::Error);
   EXPECT_THROW(kernels::softmax_lastdim(t, 0.0), c10::Error);
   EXPECT_THROW(kernels::layer_norm(t, torch::ones({5}), torch::zeros({6}), 1e-6), c10::Error);
@@ -140,7 +144,7 @@ TEST(Kernels, AddIsOneFp32AddRoundedOnce) {
     kernels::add(torch::zeros({2, 3}).to(bf), torch::zeros({3, 2}).to(bf));
     ADD_FAILURE() << "a sum of [2, 3] and [3, 2] was accepted";
   } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find("summand [3, 2] does not match summand [2, 3]"),
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("summand [3, 2] BFloat16 does not match summand [2, 3] BFloat16"),
               std::string::npos)
         << e.what_without_backtrace();
   }
@@ -158,6 +162,107 @@ TEST(Kernels, BiasAddIsOneFp32AddRoundedOnce) {
     torch::Tensor got32 = y.clone();
     kernels::add_bias_(got32, b.to(torch::kFloat));  // fp32 bias: the same values
     EXPECT_TRUE(torch::equal(got32, want)) << "width " << n;
+  }
+}
+
+// The fp32 instances of every kernel against float64: a few fp32 ulps (the polynomial exp and
+// rational erf), the adds bit-identical to one fp32 add.
+TEST(Kernels, Fp32KernelsMatchFloat64) {
+  SKIP_WITHOUT_AVX512_BF16();
+  const auto f32 = torch::kFloat;
+  torch::manual_seed(11);
+  for (int64_t n : {1, 5, 16, 31, 197, 768, 1030}) {
+    SCOPED_TRACE("width " + std::to_string(n));
+    // softmax(scale * x) and its backward
+    torch::Tensor x = torch::randn({3, 7, n}) * 4;
+    const double attn_scale = 0.125;
+    torch::Tensor xs = x.to(f64).requires_grad_(true);
+    torch::Tensor want = (xs * attn_scale).softmax(-1);
+    torch::Tensor y = kernels::softmax_lastdim(x, attn_scale);
+    ASSERT_EQ(y.scalar_type(), f32);
+    expect_close(y, want.detach(), 2e-6, 1e-30, "softmax");
+    torch::Tensor dy = torch::randn({3, 7, n});
+    want.backward(dy.to(f64));
+    torch::Tensor dx = kernels::softmax_lastdim_backward(y, dy, attn_scale);
+    torch::Tensor row_scale = (want.detach() * dy.to(f64).abs()).amax(-1, true).expand_as(xs) * attn_scale;
+    EXPECT_LE(((dx.to(f64) - xs.grad()).abs() / (row_scale + 1e-30)).max().item<double>(), 1e-5);
+
+    // LayerNorm with every gradient
+    torch::Tensor h = torch::randn({5, 11, n}) * 3 + 1, w = torch::rand({n}) + 0.5, b = torch::randn({n});
+    torch::Tensor dh = torch::randn({5, 11, n});
+    auto [hy, mean, rstd] = kernels::layer_norm(h, w, b, 1e-6);
+    ASSERT_EQ(hy.scalar_type(), f32);
+    torch::Tensor hr = h.to(f64).requires_grad_(true), wr = w.to(f64).requires_grad_(true),
+                  br = b.to(f64).requires_grad_(true);
+    torch::Tensor yr = torch::layer_norm(hr, {n}, wr, br, 1e-6);
+    yr.backward(dh.to(f64));
+    if (n > 1) {  // one element: y = b exactly, and dx = 0 with rounding noise only
+      expect_close(hy, yr.detach(), 1e-5, 1.0, "LayerNorm y");  // 1e-5 relative, 1e-5 absolute
+      auto g = kernels::layer_norm_backward(dh, h, w, mean, rstd, true, true);
+      ASSERT_EQ(g.dx.scalar_type(), f32);
+      expect_close(g.dx, hr.grad(), 1e-4, 1e-3 * hr.grad().abs().max().item<double>(), "LayerNorm dx");
+      expect_close(g.dweight, wr.grad(), 1e-5, 0.01 * wr.grad().abs().max().item<double>(), "LayerNorm dweight");
+      expect_close(g.dbias, br.grad(), 1e-5, 0.01 * br.grad().abs().max().item<double>(), "LayerNorm dbias");
+    }
+
+    // GELU and its backward, tails included
+    torch::Tensor u = torch::randn({9 * n}) * 3;
+    if (u.numel() >= 9) u.narrow(0, 0, 9).copy_(torch::tensor({-12.0, -6.0, -5.0, -1.0, 0.0, 1e-3, 1.0, 5.0, 12.0}));
+    torch::Tensor ud = u.to(f64).requires_grad_(true);
+    torch::Tensor gelu = 0.5 * ud * (1 + torch::erf(ud / std::sqrt(2.0)));
+    torch::Tensor du = torch::randn({9 * n});
+    gelu.backward(du.to(f64));
+    // 1e-5 relative, and 2e-6 absolute: the rational erf is good to ~4e-7 absolute, which
+    // 1 + erf(x) magnifies relatively in the negative tail (LibTorch's libm erff: ~6e-8).
+    expect_close(kernels::gelu(u), gelu.detach(), 1e-5, 0.2, "gelu");
+    expect_close(kernels::gelu_backward(du, u), ud.grad(), 1e-5, 0.2, "gelu backward");
+
+    // the adds: exactly LibTorch's fp32 add
+    torch::Tensor a = torch::randn({3, n}), c = torch::randn({3, n}) * 100;
+    EXPECT_TRUE(torch::equal(kernels::add(a, c), a + c));
+    torch::Tensor bias = torch::randn({n}), biased = a.clone();
+    kernels::add_bias_(biased, bias);
+    EXPECT_TRUE(torch::equal(biased, a + bias));
+  }
+}
+
+bool graph_has(const torch::Tensor& t, const std::string& name);  // below
+
+// The fp32 step through the kernels (forced on) against float64: as close as LibTorch's ops are.
+TEST(Kernels, ViTFp32StepThroughTheKernelsEqualsFloat64) {
+  SKIP_WITHOUT_AVX512_BF16();
+  for (const ViTConfig& c : tiny_variants()) {
+    SCOPED_TRACE(describe(c));
+    auto run = [&, c = c](bool kernels, torch::ScalarType dtype) {
+      torch::manual_seed(4);
+      VisionTransformer model(c);
+      randomize_for_test(*model);
+      PeftConfig p;
+      p.method = "lora";
+      PeftState state = apply_peft(*model, p);
+      set_ops(*model, cpu_ops(FrozenGemm::OneDnn, 0, kernels, /*fp32_kernels=*/kernels));
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& [name, t] : state.trainable) t.normal_(0, 0.3);
+      }
+      if (dtype == f64) model->to(f64);
+      torch::manual_seed(5);
+      torch::Tensor logits = model->forward(torch::randn({3, c.in_chans, c.image_size, c.image_size}).to(dtype));
+      for (const char* node : {"SoftmaxAvx512", "LayerNormAvx512", "GeluAvx512", "ResidualAddAvx512"})
+        EXPECT_EQ(graph_has(logits, node), kernels && dtype == torch::kFloat) << node;
+      logits = logits.to(f64);
+      torch::cross_entropy_loss(logits, torch::tensor({0, 1, 2})).backward();
+      std::vector<torch::Tensor> out{logits.detach()};
+      for (auto& [name, t] : state.trainable) out.push_back(t.grad().to(f64));
+      return out;
+    };
+    const auto on = run(true, torch::kFloat), off = run(false, torch::kFloat), exact = run(false, f64);
+    ASSERT_EQ(on.size(), exact.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      SCOPED_TRACE(i == 0 ? "logits" : "gradient " + std::to_string(i));
+      const double err_on = rel_err(on[i], exact[i]), err_off = rel_err(off[i], exact[i]);
+      EXPECT_LT(err_on, 1e-5) << "LibTorch's path: " << err_off;
+    }
   }
 }
 
@@ -210,7 +315,7 @@ TEST(Kernels, ViTBf16StepIsAsAccurateAsLibTorchOps) {
       torch::Tensor images = torch::randn({3, c.in_chans, c.image_size, c.image_size}).to(dtype);
       torch::Tensor logits = model->forward(images).to(torch::kDouble);
       const bool on = mode == Mode::KernelsOn;
-      for (const char* node : {"SoftmaxBf16", "LayerNormBf16", "GeluBf16", "ResidualAddBf16"})
+      for (const char* node : {"SoftmaxAvx512", "LayerNormAvx512", "GeluAvx512", "ResidualAddAvx512"})
         EXPECT_EQ(graph_has(logits, node), on) << node;
       torch::cross_entropy_loss(logits, torch::tensor({0, 1, 2})).backward();
       std::vector<torch::Tensor> out{logits.detach()};
@@ -319,10 +424,12 @@ TEST(Kernels, GuardPagesCatchAWriteOneElementPastEitherEnd) {
 TEST(Kernels, TailsStayInsideTheirBuffersAtBothEnds) {
   SKIP_WITHOUT_AVX512_BF16();
   torch::manual_seed(9);
-  // Widths: under one vector, one vector, one plus a tail, several plus a tail (bf16: 32 a vector).
+  // Widths: under one vector, one vector, one plus a tail, several plus a tail (16 lanes a vector).
+  for (auto dt : {bf, torch::kFloat})
   for (int64_t width : {1, 7, 16, 31, 32, 33, 63, 64, 65, 97}) {
     for (bool after : {true, false}) {
-      SCOPED_TRACE("width " + std::to_string(width) + (after ? ", guard after" : ", guard before"));
+      SCOPED_TRACE(std::string(dt == bf ? "bf16" : "fp32") + " width " + std::to_string(width) +
+                   (after ? ", guard after" : ", guard before"));
       torch::Tensor x0 = torch::randn({3, width}), dy0 = torch::randn({3, width});
       torch::Tensor w0 = torch::rand({width}) + 0.5, b0 = torch::randn({width});
       torch::Tensor ref_sm = torch::softmax(x0, -1), ref_gelu = torch::gelu(x0), ref_ln = torch::layer_norm(x0, {width}, w0, b0, 1e-6);
@@ -330,7 +437,7 @@ TEST(Kernels, TailsStayInsideTheirBuffersAtBothEnds) {
       {
         GuardPages guard(after);
         // Every input and output here lives flush against a guard page.
-        torch::Tensor x = x0.to(bf), dy = dy0.to(bf), w = w0.clone(), b = b0.clone();
+        torch::Tensor x = x0.to(dt), dy = dy0.to(dt), w = w0.clone(), b = b0.clone();
         sm = kernels::softmax_lastdim(x);
         smb = kernels::softmax_lastdim_backward(sm, dy);
         auto [y, mean, rstd] = kernels::layer_norm(x, w, b, 1e-6);
@@ -348,8 +455,8 @@ TEST(Kernels, TailsStayInsideTheirBuffersAtBothEnds) {
       EXPECT_LT((sm - ref_sm).abs().max().item<double>(), 0.02);
       EXPECT_LT((g - ref_gelu).abs().max().item<double>(), 0.05);
       EXPECT_LT((ln - ref_ln).abs().max().item<double>(), 0.1);
-      EXPECT_LT((sum - (x0.to(bf).to(torch::kFloat) + dy0.to(bf).to(torch::kFloat))).abs().max().item<double>(), 0.05);
-      EXPECT_LT((biased - (x0.to(bf).to(torch::kFloat) + b0)).abs().max().item<double>(), 0.05);
+      EXPECT_LT((sum - (x0.to(dt).to(torch::kFloat) + dy0.to(dt).to(torch::kFloat))).abs().max().item<double>(), 0.05);
+      EXPECT_LT((biased - (x0.to(dt).to(torch::kFloat) + b0)).abs().max().item<double>(), 0.05);
       EXPECT_TRUE(torch::isfinite(smb).all().item<bool>() && torch::isfinite(lndx).all().item<bool>() &&
                   torch::isfinite(gb).all().item<bool>());
     }

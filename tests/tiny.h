@@ -68,13 +68,15 @@ inline void randomize_for_test(torch::nn::Module& m) {
 using ops::FrozenGemm;
 
 // CPU operators with one fixed frozen-GEMM path (nothing measured, no cache), taken down to
-// GEMMs of `min_macs` multiply-adds (0: all), the AVX-512 kernels on or off.
+// GEMMs of `min_macs` multiply-adds (0: all), the AVX-512 kernels on or off (for fp32 only
+// with `fp32_kernels`).
 inline std::shared_ptr<const ops::Ops> cpu_ops(FrozenGemm path, int64_t min_macs = ops::kMinTunedMacs,
-                                               bool kernels = true) {
+                                               bool kernels = true, bool fp32_kernels = false) {
   ops::CpuOptions o;
   o.frozen_gemm = path;
   o.min_macs = min_macs;
   o.bf16_kernels = kernels;
+  o.fp32_kernels = fp32_kernels;
   o.cache_dir = "-";
   return ops::make_cpu_ops(o);
 }
