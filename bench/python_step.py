@@ -20,7 +20,8 @@ libtorch_cpu.so.1.13 that build/shardtune links), e.g.
 """
 
 # --- glibc malloc tuning: the same as the C++ binary (common/runtime.cpp configure_runtime:
-# mallopt(M_MMAP_THRESHOLD, 32 MiB) and mallopt(M_TRIM_THRESHOLD, 1 GiB)), applied before
+# mallopt(M_MMAP_THRESHOLD, 32 MiB), mallopt(M_TRIM_THRESHOLD, 1 GiB) and, unless
+# MALLOC_MMAP_MAX_ is set, mallopt(M_MMAP_MAX, 0): no mmap at all), applied before
 # torch is imported so both processes allocate under the same policy. Large activation
 # buffers (< 32 MiB) then come from the heap and are reused instead of being mmap'ed and
 # unmapped (page faults) every step, and freed memory is not trimmed back to the OS. The
@@ -31,13 +32,16 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 
 def tune_malloc():
+    import os
     libc = ctypes.CDLL("libc.so.6")
     ok1 = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     ok2 = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    return ok1 == 1 and ok2 == 1
+    ok3 = 1 if "MALLOC_MMAP_MAX_" in os.environ else libc.mallopt(M_MMAP_MAX, 0)
+    return ok1 == 1 and ok2 == 1 and ok3 == 1
 
 
 _MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv and tune_malloc()

@@ -131,8 +131,11 @@ int main(int argc, char** argv) {
     const auto report = ops_of.at(v)->report();
     if (report.contains("choices")) {
       std::printf("\n%s: kernel choices (measured in %.2f s)\n", v.c_str(), report.value("tuning_s", 0.0));
-      for (const auto& [key, c] : report["choices"].items())
-        std::printf("  %-48s %s\n", key.c_str(), c["pick"].get<std::string>().c_str());
+      for (const auto& [key, c] : report["choices"].items()) {
+        std::string times;  // each candidate's median call, as measured (or read from the cache)
+        for (const auto& [name, us] : c["us"].items()) times += " " + name + " " + std::to_string(us.get<int64_t>()) + " us";
+        std::printf("  %-48s %-14s%s\n", key.c_str(), c["pick"].get<std::string>().c_str(), times.c_str());
+      }
     }
   }
   return 0;

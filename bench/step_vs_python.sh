@@ -80,7 +80,7 @@ RESULTS="$OUT/results.jsonl"
 # tuning (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB) is applied inside each process:
 # by common/runtime.cpp in C++ and by mallopt at the top of python_step.py.
 export OMP_NUM_THREADS=$THREADS
-unset MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_ MKL_NUM_THREADS OPENBLAS_NUM_THREADS || true
+unset MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_ MALLOC_MMAP_MAX_ MKL_NUM_THREADS OPENBLAS_NUM_THREADS || true
 
 cpp_args=(--model.arch "$ARCH" --model.num_classes 10 --peft.method lora --data.dataset synthetic
           --data.train_samples 64 --data.batch_size "$BATCH" --train.steps "$STEPS" --output.resume never

@@ -50,13 +50,22 @@ import json, sys
 k = json.load(open(sys.argv[1]))["kernels"]
 assert k["frozen_gemm"] == "auto" and k["tuning_s"] > 0, k
 picks = {c["pick"] for c in k["choices"].values()}
-assert k["choices"] and picks <= {"blas", "onednn", "fp32", "bf16", "avx512", "torch"}, k
+assert k["choices"] and picks <= {"blas", "onednn", "onednn_matmul", "per_entry", "fp32", "bf16", "avx512", "torch"}, k
 assert any(" fwd " in key for key in k["choices"]) and any(" bwd " in key for key in k["choices"]), k
 EOF
 expect 0 "kernel choices: 0 measured in 0.00 s, [1-9][0-9]* from the cache.*stopping at step 2" -- "$st" train --config "$cfg" --output.dir "$work/kb" "${big[@]}" --train.steps 4 --train.exit_interval 2
 expect 0 "resumed from .*step_2 at step 2.*done" -- "$st" train --config "$cfg" --output.dir "$work/kb" "${big[@]}" --train.steps 4
 cmp -s "$work/ka/adapter/adapter_model.safetensors" "$work/kb/adapter/adapter_model.safetensors" \
   && pass "auto: resumed adapter is bit-for-bit the uninterrupted one" || failed "auto: resumed adapter differs"
+# train.frozen_gemm=onednn_matmul (oneDNN's matmul primitive on LibTorch's memory), where the
+# build has oneDNN's headers (scripts/setup.sh installs libdnnl-dev); refused by name elsewhere.
+out=$("$st" train --config "$cfg" --output.dir "$work/om" "${big[@]}" --train.steps 2 --train.frozen_gemm onednn_matmul 2>&1)
+if grep -q "no oneDNN headers" <<<"$out"; then
+  echo "skip: this build has no oneDNN headers (libdnnl-dev): onednn_matmul refused as it should be"
+else
+  grep -q "done: eval top-1" <<<"$out" && grep -q '"frozen_gemm": "onednn_matmul"' "$work/om/summary.json" \
+    && pass "onednn_matmul trains and is named in the summary" || failed "onednn_matmul run: $(tail -3 <<<"$out")"
+fi
 # A corrupt kernel cache: a warning naming it, measured again, rewritten whole.
 for f in "$XDG_CACHE_HOME"/shardtune/kernels-*.json; do printf '{"format_version": 1, "ho' >"$f"; done
 expect 0 "ignoring the kernel-choice cache .*kernels-.*json.*kernel choices: [1-9][0-9]* measured.*done" -- "$st" train --config "$cfg" --output.dir "$work/kc" "${big[@]}" --train.steps 1
