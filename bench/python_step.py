@@ -20,8 +20,9 @@ libtorch_cpu.so.1.13 that build/shardtune links), e.g.
 """
 
 # --- glibc malloc tuning: the same as the C++ binary (common/runtime.cpp configure_runtime:
-# mallopt(M_MMAP_THRESHOLD, 32 MiB), mallopt(M_TRIM_THRESHOLD, 1 GiB) and, unless
-# MALLOC_MMAP_MAX_ is set, mallopt(M_MMAP_MAX, 0): no mmap at all), applied before
+# mallopt(M_MMAP_THRESHOLD, 32 MiB) and mallopt(M_TRIM_THRESHOLD, 1 GiB); and, once the model
+# and data are built, common/runtime.cpp reuse_large_blocks: mallopt(M_MMAP_MAX, 0) unless
+# MALLOC_MMAP_MAX_ is set, so blocks above 32 MiB are reused from the heap too), applied before
 # torch is imported so both processes allocate under the same policy. Large activation
 # buffers (< 32 MiB) then come from the heap and are reused instead of being mmap'ed and
 # unmapped (page faults) every step, and freed memory is not trimmed back to the OS. The
@@ -36,12 +37,16 @@ M_MMAP_MAX = -4
 
 
 def tune_malloc():
-    import os
     libc = ctypes.CDLL("libc.so.6")
     ok1 = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     ok2 = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    ok3 = 1 if "MALLOC_MMAP_MAX_" in os.environ else libc.mallopt(M_MMAP_MAX, 0)
-    return ok1 == 1 and ok2 == 1 and ok3 == 1
+    return ok1 == 1 and ok2 == 1
+
+
+def reuse_large_blocks():
+    import os
+    if _MALLOC_TUNED and "MALLOC_MMAP_MAX_" not in os.environ:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_MAX, 0)
 
 
 _MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv and tune_malloc()
@@ -281,6 +286,7 @@ def main():
     del protos
 
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    reuse_large_blocks()  # as the C++ binary does once its model is loaded
     times, losses = [], []
     n = args.train_samples
     for step in range(args.steps):

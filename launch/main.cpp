@@ -138,6 +138,7 @@ StageModel load_on_mesh(const RunConfig& rc, const std::string& adapter_dir, con
   spdlog::info("loaded {} from {} on {}{}", rc.model.arch, rc.checkpoint, mesh.dims.str(),
                adapter_dir.empty() ? "" : " with the " + spec.peft.method + " adapter from " + adapter_dir);
   m.model->eval();
+  reuse_large_blocks();  // loaded: eval batches' big blocks stay for reuse
   return m;
 }
 

@@ -34,6 +34,19 @@ void expect_close(const torch::Tensor& got, const torch::Tensor& want, double to
                                           << " (max |want| " << w.abs().max().item<double>() << ")";
 }
 
+// LayerNorm in float64 from the same input, with autograd: y and the gradients for dy.
+struct LayerNormReference {
+  torch::Tensor y, dx, dweight, dbias;
+};
+LayerNormReference layer_norm_reference(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                                        const torch::Tensor& dy) {
+  torch::Tensor xr = x.to(f64).requires_grad_(true), wr = w.to(f64).requires_grad_(true),
+                br = b.to(f64).requires_grad_(true);
+  torch::Tensor yr = torch::layer_norm(xr, {x.size(-1)}, wr, br, 1e-6);
+  yr.backward(dy.to(f64));
+  return {yr.detach(), xr.grad(), wr.grad(), br.grad()};
+}
+
 TEST(Kernels, EligibleOnlyForContiguousBf16OrFp32) {
   SKIP_WITHOUT_AVX512_BF16();
   torch::Tensor t = torch::randn({4, 6}).to(bf);
@@ -95,19 +108,15 @@ TEST(Kernels, LayerNormMatchesFp32LayerNormWithGradients) {
     torch::Tensor dy = torch::randn({5, 11, n}).to(bf);
     auto [y, mean, rstd] = kernels::layer_norm(x, w, b, 1e-6);
     ASSERT_EQ(y.scalar_type(), bf);
-    // The reference in double from the same bf16 input, with autograd for every gradient.
-    torch::Tensor xr = x.to(f64).requires_grad_(true), wr = w.to(f64).requires_grad_(true),
-                  br = b.to(f64).requires_grad_(true);
-    torch::Tensor yr = torch::layer_norm(xr, {n}, wr, br, 1e-6);
-    yr.backward(dy.to(f64));
-    expect_close(y, yr.detach(), 1.0 / 128, 0.05, "y");
-    expect_close(mean, xr.detach().mean(-1).view({-1}), 1e-5, 1e-3, "mean");
+    const LayerNormReference ref = layer_norm_reference(x, w, b, dy);
+    expect_close(y, ref.y, 1.0 / 128, 0.05, "y");
+    expect_close(mean, x.to(f64).mean(-1).view({-1}), 1e-5, 1e-3, "mean");
 
     auto grads = kernels::layer_norm_backward(dy, x, w, mean, rstd, true, true);
     ASSERT_EQ(grads.dx.scalar_type(), bf);
-    expect_close(grads.dx, xr.grad(), 1.0 / 64, 0.1 * xr.grad().abs().max().item<double>(), "dx");
-    expect_close(grads.dweight, wr.grad(), 1e-4, 1e-2, "dweight");
-    expect_close(grads.dbias, br.grad(), 1e-4, 1e-2, "dbias");
+    expect_close(grads.dx, ref.dx, 1.0 / 64, 0.1 * ref.dx.abs().max().item<double>(), "dx");
+    expect_close(grads.dweight, ref.dweight, 1e-4, 1e-2, "dweight");
+    expect_close(grads.dbias, ref.dbias, 1e-4, 1e-2, "dbias");
     auto only_dx = kernels::layer_norm_backward(dy, x, w, mean, rstd, false, false);
     EXPECT_TRUE(torch::equal(only_dx.dx, grads.dx));
     EXPECT_FALSE(only_dx.dweight.defined());
@@ -192,17 +201,14 @@ TEST(Kernels, Fp32KernelsMatchFloat64) {
     torch::Tensor dh = torch::randn({5, 11, n});
     auto [hy, mean, rstd] = kernels::layer_norm(h, w, b, 1e-6);
     ASSERT_EQ(hy.scalar_type(), f32);
-    torch::Tensor hr = h.to(f64).requires_grad_(true), wr = w.to(f64).requires_grad_(true),
-                  br = b.to(f64).requires_grad_(true);
-    torch::Tensor yr = torch::layer_norm(hr, {n}, wr, br, 1e-6);
-    yr.backward(dh.to(f64));
+    const LayerNormReference ref = layer_norm_reference(h, w, b, dh);
     if (n > 1) {  // one element: y = b exactly, and dx = 0 with rounding noise only
-      expect_close(hy, yr.detach(), 1e-5, 1.0, "LayerNorm y");  // 1e-5 relative, 1e-5 absolute
+      expect_close(hy, ref.y, 1e-5, 1.0, "LayerNorm y");  // 1e-5 relative, 1e-5 absolute
       auto g = kernels::layer_norm_backward(dh, h, w, mean, rstd, true, true);
       ASSERT_EQ(g.dx.scalar_type(), f32);
-      expect_close(g.dx, hr.grad(), 1e-4, 1e-3 * hr.grad().abs().max().item<double>(), "LayerNorm dx");
-      expect_close(g.dweight, wr.grad(), 1e-5, 0.01 * wr.grad().abs().max().item<double>(), "LayerNorm dweight");
-      expect_close(g.dbias, br.grad(), 1e-5, 0.01 * br.grad().abs().max().item<double>(), "LayerNorm dbias");
+      expect_close(g.dx, ref.dx, 1e-4, 1e-3 * ref.dx.abs().max().item<double>(), "LayerNorm dx");
+      expect_close(g.dweight, ref.dweight, 1e-5, 0.01 * ref.dweight.abs().max().item<double>(), "LayerNorm dweight");
+      expect_close(g.dbias, ref.dbias, 1e-5, 0.01 * ref.dbias.abs().max().item<double>(), "LayerNorm dbias");
     }
 
     // GELU and its backward, tails included

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "common/runtime.h"
 #include "common/device.h"
 #include "common/log.h"
 #include "common/signals.h"
@@ -501,6 +502,7 @@ double train(const RunSpec& spec, const Mesh& mesh) {
   std::vector<double> step_times, wait_fractions;
   const int64_t first_step = step;
   const auto loop_start = std::chrono::steady_clock::now();
+  reuse_large_blocks();  // the model is loaded: from here on, big activation blocks stay for reuse
   r.b.model->train();
   while (step < r.total) {
     auto profile = maybe_profile(spec, step, mesh.rank);
@@ -565,6 +567,7 @@ double evaluate_adapter(const RunSpec& spec, const std::string& adapter_dir, con
   Splits data = load_splits(s.data, s.model);
   StageModel b = build(s, mesh, adapter_dir);
   place_model(b, mesh);
+  reuse_large_blocks();
   const double acc = top1(b, data.test, s, mesh);
   if (mesh.rank == 0) {
     fs::create_directories(s.output.dir);
