@@ -1,14 +1,15 @@
 // The operators of a ViT training step, behind one interface, so that the model (models/vit.cpp)
 // says what it computes and an `Ops` object says how: which GEMM kernel a frozen weight takes,
-// whether a bf16 softmax runs on ShardTune's AVX-512 kernels, and on which device. The model
+// whether a softmax runs on ShardTune's AVX-512 kernels, and on which device. The model
 // receives one `Ops` at construction and hands it to its layers; nothing here is process-wide
 // state, so two models with different choices can live in one process (the A/B benchmarks do).
 //
 // Implementations:
 //   TorchOps  LibTorch's own ops, any device: the reference, and the CUDA path.
-//   CpuOps    the CPU step: frozen GEMMs on the fastest exact kernel for each shape, chosen by
-//             measurement at the first call and cached per host (ops/gemm_tuner.h), and the
-//             bf16 AVX-512 kernels (ops/cpu_kernels.h) where the CPU has them.
+//   CpuOps    the CPU step: frozen GEMMs and attention's products on the fastest exact kernel
+//             for each shape (BLAS, oneDNN's inner product, oneDNN's matmul: ops/onednn_matmul.h),
+//             chosen by measurement at the first call and cached per host (ops/tuner.h), and
+//             the AVX-512 element-wise kernels (ops/cpu_kernels.h) where the CPU has them.
 #pragma once
 
 #include <torch/torch.h>
