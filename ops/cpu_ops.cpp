@@ -322,8 +322,7 @@ class CpuOps final : public Ops {
   bool softmax_takes_scale(torch::ScalarType dtype) const override {
     // The scale rides inside the kernel; where LibTorch's softmax is timed faster for a shape,
     // scaled_softmax scales first (one pass), which the old q scaling cost anyway.
-    return kernels_ && (dtype == torch::kBFloat16 ||
-                        (dtype == torch::kFloat && (options_.frozen_gemm == FrozenGemm::Auto || options_.fp32_kernels)));
+    return kernels_for(dtype);
   }
 
   torch::Tensor scaled_softmax(const torch::Tensor& x, double scale) const override {
@@ -407,13 +406,19 @@ class CpuOps final : public Ops {
     return torch::linear(f32(x), f32(w), f32(b)).to(x.scalar_type());
   }
 
-  // Whether an element-wise op takes ShardTune's kernel: eligible, switched on, and under auto
-  // timed faster than LibTorch's op for this shape; the forced paths take it for bf16 only
-  // (fp32 too with options_.fp32_kernels).
+  // Whether the AVX-512 kernels may take element-wise ops of this dtype: switched on; bf16
+  // always; fp32 under auto (timed per shape) or with options_.fp32_kernels.
+  bool kernels_for(torch::ScalarType dtype) const {
+    return kernels_ && (dtype == torch::kBFloat16 ||
+                        (dtype == torch::kFloat && (options_.frozen_gemm == FrozenGemm::Auto || options_.fp32_kernels)));
+  }
+
+  // Whether an element-wise op takes ShardTune's kernel: eligible, allowed for its dtype, and
+  // under auto timed faster than LibTorch's op for this shape.
   template <class Kernel, class Torch>
   bool use_kernel(const char* op, const torch::Tensor& x, Kernel kernel, Torch libtorch) const {
-    if (!kernels_ || !kernels::eligible(x)) return false;
-    if (options_.frozen_gemm != FrozenGemm::Auto) return x.scalar_type() == torch::kBFloat16 || options_.fp32_kernels;
+    if (!kernels::eligible(x) || !kernels_for(x.scalar_type())) return false;
+    if (options_.frozen_gemm != FrozenGemm::Auto) return true;
     const std::string key = std::string(op) + " " + dtype_name(x.scalar_type()) + " " + shape_key(x.sizes()) + threads();
     return tuner_.choose(key, {no_grad_candidate("avx512", [&](bool) { kernel(); }),
                                no_grad_candidate("torch", [&](bool) { libtorch(); })}) == "avx512";
